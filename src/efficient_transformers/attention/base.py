@@ -1,0 +1,136 @@
+"""The base class every attention mechanism derives from: input checks, head split, decode entry."""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import AttentionSpec
+
+
+def check_positive_int(argument: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{argument}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(argument: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise ValueError(f"{argument}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the tensors of a decode state (dicts, lists, tuples and dataclasses walked)."""
+    if state is None:
+        return 0
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    if is_dataclass(state):
+        return sum(state_nbytes(getattr(state, f.name)) for f in fields(state))
+    return 0
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over x (B, N, dim) with a key-padding `mask` (B, N), True = real.
+
+    Subclasses implement `attend(x, mask) -> (B, N, dim)` and, where the survey says the model
+    decodes, `decode_step(x_new, state) -> (y, state)`. `forward` and `decode` check the inputs
+    first, so every mechanism refuses bad input the same way, before any compute.
+    A mechanism may set `self.aux_loss` (a scalar tensor) in forward; models add it to the loss.
+    """
+
+    spec: ClassVar[AttentionSpec]
+    # A small configuration that exercises the mechanism on sequences of 8..64 tokens
+    # (several blocks, buckets or clusters); the contract test and the pattern gallery use it.
+    small_options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("heads", heads)
+        if dim % heads:
+            raise ValueError(f"dim: expected a multiple of heads={heads}, got {dim}")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal: expected True or False, got {causal!r}")
+        self.dim, self.heads, self.causal = dim, heads, causal
+        self.head_dim = dim // heads
+        self.max_len: int | None = None  # a mechanism with a fixed maximum length sets it
+        self.aux_loss: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, H*d) -> (B, H, N, d)"""
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) -> (B, N, H*d)"""
+        b, h, n, d = t.shape
+        return t.transpose(1, 2).reshape(b, n, h * d)
+
+    # ------------------------------------------------------------------------------- checks
+    def check_input(self, x: Any, mask: Any = None, offset: int = 0) -> None:
+        """Refuse bad input with an exception naming the argument; `offset` = tokens seen before."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor of shape (batch, length, {self.dim}), "
+                            f"got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (batch, length, {self.dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        b, n, _ = x.shape
+        if n < 1 or b < 1:
+            raise ValueError(f"x: expected batch >= 1 and length >= 1, got {tuple(x.shape)}")
+        if self.max_len is not None and offset + n > self.max_len:
+            raise ValueError(f"x: length {offset + n} exceeds max_len={self.max_len} "
+                             f"of this {self.spec.name} layer")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask: expected a bool tensor of shape ({b}, {n}), "
+                                f"got {type(mask).__name__}")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask: expected dtype torch.bool (True = real token), "
+                                f"got {mask.dtype}")
+            if tuple(mask.shape) != (b, n):
+                raise ValueError(f"mask: expected shape ({b}, {n}), got {tuple(mask.shape)}")
+
+    # ------------------------------------------------------------------------------- public
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, mask)
+        self.aux_loss = None
+        return self.attend(x, mask)
+
+    def decode(self, x_new: torch.Tensor, state: Any = None):
+        """Continue a causal forward: x_new (B, T, dim) -> (y (B, T, dim), new state)."""
+        if not self.spec.decode:
+            raise ValueError(f"decode: {self.spec.name!r} does not decode (survey Table 1)")
+        if not self.causal:
+            raise ValueError("decode: build the layer with causal=True to decode")
+        self.check_input(x_new, None, offset=self.decoded_length(state))
+        return self.decode_step(x_new, state)
+
+    # ------------------------------------------------------------------- for subclasses
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_step(self, x_new: torch.Tensor, state: Any):
+        raise NotImplementedError
+
+    def decoded_length(self, state: Any) -> int:
+        """How many tokens a decode state has seen (for the max_len check). Override if needed."""
+        if state is None:
+            return 0
+        if isinstance(state, dict) and "length" in state:
+            return int(state["length"])
+        return 0
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, causal={self.causal}"

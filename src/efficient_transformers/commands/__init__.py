@@ -1,0 +1,1 @@
+"""Subcommands of the `efficient-transformers` command line."""

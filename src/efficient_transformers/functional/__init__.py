@@ -1,0 +1,1 @@
+"""Pure tensor code: (q, k, v, ...) -> out [, state]. No nn.Module here."""

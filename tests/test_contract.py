@@ -1,0 +1,192 @@
+"""The contract of DESIGN.md, checked for every registered mechanism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import efficient_transformers as et
+from efficient_transformers.zoo import SURVEY_TABLE, is_subquadratic
+from helpers import DIM, max_abs_diff, random_mask, small_attention
+
+NAMES = et.list_attention()
+DECODERS = [n for n in NAMES if et.attention_spec(n).decode]
+NON_DECODERS = [n for n in NAMES if not et.attention_spec(n).decode]
+LENGTHS = (1, 5, 37)
+N = 37
+
+
+def both_modes(names):
+    return [(n, False) for n in names] + [(n, True) for n in names if et.attention_spec(n).decode]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_carries_the_survey_facts(name):
+    spec, row = et.attention_spec(name), SURVEY_TABLE[name]
+    assert (spec.name, spec.title, spec.complexity, spec.decode, spec.taxonomy) == (
+        name, row.title, row.complexity, row.decode, row.taxonomy)
+    assert spec.year == row.year and "arXiv" in spec.paper
+    assert isinstance(spec.options, dict)
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+@pytest.mark.parametrize("n", LENGTHS)
+def test_output_shape(name, causal, n):
+    attn = small_attention(name, causal=causal)
+    x = torch.randn(2, n, DIM, dtype=torch.float64)
+    y = attn(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_strict_causality(name):
+    attn = small_attention(name, causal=True)
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    y = attn(x)
+    for i in (0, 3, 8, 17, 30, N - 2):
+        x2 = x.clone()
+        x2[:, i + 1:] = torch.randn_like(x2[:, i + 1:]) * 3
+        y2 = attn(x2)
+        assert max_abs_diff(y[:, : i + 1], y2[:, : i + 1]) < 1e-9, f"future leaks into position {i}"
+        assert max_abs_diff(y[:, i + 1:], y2[:, i + 1:]) > 1e-6, "output ignores the input"
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_matches_causal_forward(name, seed):
+    attn = small_attention(name, causal=True)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, N, DIM, dtype=torch.float64, generator=gen)
+    full = attn(x)
+    sizes, left = [], N
+    while left:
+        sizes.append(min(left, int(torch.randint(1, 9, (1,), generator=gen))))
+        left -= sizes[-1]
+    if seed == 1:
+        sizes = [1] * N  # token by token
+    outs, state, start = [], None, 0
+    for size in sizes:
+        y, state = attn.decode(x[:, start:start + size], state)
+        outs.append(y)
+        start += size
+    assert max_abs_diff(torch.cat(outs, dim=1), full) < 1e-8, f"chunks {sizes}"
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+def test_padding_invariance(name, causal):
+    attn = small_attention(name, causal=causal)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, N, DIM, dtype=torch.float64, generator=gen)
+    mask = random_mask(2, N, generator=gen)
+    y = attn(x, mask)
+    x2 = torch.where(mask[..., None], x, torch.randn_like(x) * 5)
+    y2 = attn(x2, mask)
+    assert torch.isfinite(y).all() and torch.isfinite(y2).all()
+    assert max_abs_diff(y[mask], y2[mask]) < 1e-9, "padded values change real outputs"
+    all_real = torch.ones(2, N, dtype=torch.bool)
+    assert max_abs_diff(attn(x, all_real), attn(x)) < 1e-9, "an all-True mask differs from None"
+
+
+@pytest.mark.parametrize("name", NON_DECODERS)
+def test_non_decoders_refuse_causal(name):
+    with pytest.raises(ValueError, match="causal"):
+        et.build_attention(name, dim=DIM, heads=2, causal=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_refused_before_compute(name):
+    attn = small_attention(name)
+    with pytest.raises(ValueError, match="x"):
+        attn(torch.randn(N, DIM, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x"):
+        attn(torch.randn(2, N, DIM + 1, dtype=torch.float64))
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mask"):
+        attn(x, torch.ones(2, N + 1, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        attn(x, torch.ones(2, N))
+    with pytest.raises(TypeError, match="valid options"):
+        et.build_attention(name, dim=DIM, heads=2, no_such_option=1)
+    with pytest.raises(ValueError, match="dim"):
+        et.build_attention(name, dim=DIM + 1, heads=2)
+    if attn.max_len is not None:
+        with pytest.raises(ValueError, match="max_len"):
+            attn(torch.randn(1, attn.max_len + 1, DIM, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_refused_where_not_claimed(name):
+    attn = small_attention(name)
+    with pytest.raises(ValueError, match="decode"):
+        attn.decode(torch.randn(1, 3, DIM, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+def test_gradients_are_finite(name, causal):
+    attn = small_attention(name, causal=causal, dtype=torch.float32).train()
+    x = torch.randn(2, N, DIM, requires_grad=True)
+    mask = random_mask(2, N)
+    attn(x, mask).square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, p in attn.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_finite(name, causal, dtype):
+    attn = small_attention(name, causal=causal, dtype=dtype).train()
+    x = (torch.randn(2, N, DIM) * 4).to(dtype).requires_grad_()
+    y = attn(x, random_mask(2, N))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reproducible_under_a_seed(name):
+    outs = []
+    for _ in range(2):
+        attn = small_attention(name, seed=7).train()
+        torch.manual_seed(11)
+        x = torch.randn(2, N, DIM, dtype=torch.float64)
+        outs.append(attn(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out
+
+
+@pytest.mark.parametrize("name,causal", both_modes([n for n in NAMES if is_subquadratic(n)]))
+def test_subquadratic_never_materialises_n_by_n(name, causal):
+    n = 2048
+    torch.manual_seed(0)
+    attn = et.build_attention(name, dim=16, heads=1, causal=causal).train()
+    x = torch.randn(1, n, 16, requires_grad=True)
+    with LargestTensor() as spy:
+        attn(x).sum().backward()
+    assert spy.largest < n * n, f"{spy.op} made a tensor of {spy.largest} >= N² = {n * n} elements"
+
+
+def test_dense_baseline_does_materialise_when_naive():
+    # the spy itself works: the naive oracle builds N x N scores
+    from efficient_transformers.functional.dense import naive_attention
+    q = torch.randn(1, 1, 64, 8)
+    with LargestTensor() as spy:
+        naive_attention(q, q, q)
+    assert spy.largest >= 64 * 64
