@@ -1,0 +1,187 @@
+"""Models around the registered attentions: training, generation, save / load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import efficient_transformers as et
+from efficient_transformers.registry import attention_class
+
+TINY = dict(vocab_size=11, dim=16, depth=2, heads=2, max_len=48)
+
+
+def tiny_model(name, task, **kw):
+    torch.manual_seed(0)
+    options = {**attention_class(name).small_options, **kw}
+    return et.build_model(name, task=task, **{**TINY, **options})
+
+
+def task_for(name):
+    return "lm" if et.attention_spec(name).decode else "classify"
+
+
+def batch_for(task, n=24, b=4):
+    tokens = torch.randint(0, TINY["vocab_size"], (b, n))
+    if task == "lm":
+        return tokens, tokens
+    if task == "match":
+        return torch.randint(0, TINY["vocab_size"], (b, 2, n)), (tokens[:, 0] % 2)
+    return tokens, tokens[:, 0] % 2
+
+
+def train_steps(model, batches, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for tokens, labels in batches:
+        out = model(tokens, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", et.list_models())
+def test_every_model_trains_a_few_steps_and_round_trips(name, tmp_path):
+    task = task_for(name)
+    model = tiny_model(name, task)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_steps(model, [batch_for(task) for _ in range(3)])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = et.load_pretrained(tmp_path / "ckpt")
+    model.eval(), loaded.eval()
+    tokens, _ = batch_for(task)
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+
+
+@pytest.mark.parametrize("name", [n for n in et.list_models() if et.attention_spec(n).decode])
+def test_incremental_decode_matches_full_forward(name):
+    model = tiny_model(name, "lm").eval()
+    tokens = torch.randint(0, 11, (2, 20))
+    full = model(tokens).logits
+    logits_a, state = model.decode(tokens[:, :7])
+    logits_b, state = model.decode(tokens[:, 7:8], state)
+    logits_c, _ = model.decode(tokens[:, 8:], state)
+    assert torch.allclose(torch.cat([logits_a, logits_b, logits_c], 1), full, atol=1e-4)
+
+
+def test_language_model_learns_a_toy_task():
+    # repeat the first half: the second half of each sequence copies the first
+    torch.manual_seed(0)
+    model = et.build_model("transformer", task="lm", vocab_size=8, dim=32, depth=2, heads=2, max_len=16)
+    def batch():
+        half = torch.randint(0, 8, (16, 8))
+        seq = torch.cat([half, half], 1)
+        labels = seq.clone()
+        labels[:, :9] = -100  # score only the copied part (targets 9..15)
+        return seq, labels
+    losses = train_steps(model, [batch() for _ in range(150)], lr=3e-3)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_learns_a_toy_task(pooling):
+    # label = whether token 3 occurs in the sequence
+    torch.manual_seed(0)
+    model = et.build_model("transformer", task="classify", vocab_size=8, num_classes=2, dim=32,
+                           depth=1, heads=2, max_len=12, pooling=pooling)
+    def batch():
+        tokens = torch.randint(0, 8, (32, 12))
+        return tokens, (tokens == 3).any(1).long()
+    losses = train_steps(model, [batch() for _ in range(120)], lr=3e-3)
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+
+
+def test_dual_encoder_combines_two_texts():
+    model = et.build_model("transformer", task="match", vocab_size=11, dim=16, depth=1, heads=2,
+                           max_len=10, num_classes=2)
+    tokens = torch.randint(0, 11, (3, 2, 10))
+    mask = torch.ones(3, 2, 10, dtype=torch.bool)
+    mask[:, 1, 7:] = False
+    out = model(tokens, mask=mask, labels=torch.tensor([0, 1, 1]))
+    assert out.logits.shape == (3, 2) and out.loss.ndim == 0
+    swapped = model(tokens.flip(1), mask=mask.flip(1)).logits
+    assert not torch.allclose(out.logits, swapped)  # [u, v, u*v, u-v] is ordered
+    with pytest.raises(ValueError, match="tokens"):
+        model(tokens[:, 0])
+
+
+def test_generate_greedy_top_k_and_limits():
+    torch.manual_seed(0)
+    model = et.build_model("transformer", task="lm", vocab_size=11, dim=16, depth=1, heads=2, max_len=20)
+    prompt = torch.randint(0, 11, (2, 5))
+    greedy = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert greedy.shape == (2, 11) and torch.equal(greedy[:, :5], prompt)
+    assert torch.equal(greedy, model.generate(prompt, max_new_tokens=6, temperature=0))
+    # greedy decode equals argmax of a full forward over the generated text
+    logits = model(greedy[:, :-1]).logits
+    assert torch.equal(logits[:, 4:].argmax(-1), greedy[:, 5:])
+    g = torch.Generator().manual_seed(1)
+    sampled = model.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=1, generator=g)
+    assert torch.equal(sampled, greedy)  # top-1 sampling is greedy
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(prompt, max_new_tokens=16)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, max_new_tokens=2, temperature=-1)
+
+
+def test_model_input_errors():
+    model = et.build_model("transformer", task="classify", vocab_size=11, dim=16, depth=1, heads=2, max_len=8)
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.full((1, 4), 11))
+    with pytest.raises(TypeError, match="tokens"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="task"):
+        et.build_model("transformer", task="translate")
+    with pytest.raises(TypeError, match="valid options"):
+        et.build_model("transformer", task="lm", windw=3)
+
+
+def test_load_refuses_a_mismatched_checkpoint(tmp_path):
+    model = et.build_model("transformer", task="lm", vocab_size=11, dim=16, depth=1, heads=2, max_len=8)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["depth"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing"):
+        et.load_pretrained(tmp_path)
+    config["depth"], config["dim"] = 1, 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="shapes"):
+        et.load_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        et.load_pretrained(tmp_path / "nowhere")
+
+
+def test_checkpoint_files_are_safetensors_and_json(tmp_path):
+    model = et.build_model("transformer", task="lm", vocab_size=11, dim=16, depth=1, heads=2, max_len=8)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["name"] == "transformer"
+    assert (tmp_path / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors header
+
+
+def test_aux_losses_are_added_to_the_loss():
+    model = et.build_model("transformer", task="classify", vocab_size=11, dim=16, depth=2, heads=2, max_len=8)
+    attn = model.encoder.blocks[0].attention
+    original = attn.attend
+
+    def attend_with_aux(x, mask):
+        attn.aux_loss = torch.tensor(2.5)
+        return original(x, mask)
+
+    attn.attend = attend_with_aux
+    tokens, labels = torch.randint(0, 11, (2, 8)), torch.tensor([0, 1])
+    out = model(tokens, labels=labels)
+    assert out.aux_loss.item() == 2.5
+    attn.attend = original
+    plain = model(tokens, labels=labels)
+    assert plain.aux_loss is None
+    assert torch.allclose(out.loss, plain.loss + 2.5)
