@@ -5,6 +5,8 @@ over the feature axes), normalised per row. It is exact about *which* positions 
 so for a fixed pattern it is the pattern itself, for a learnable one the pattern realised on this
 input (buckets, clusters, sorted blocks), and for low-rank and kernel methods the effective dense
 dependence — and it shows *how strongly* each key is used. Computed densely: display only, small N.
+One blind spot: keys reached through a detached cache (Transformer-XL's and the Compressive
+Transformer's memory of earlier segments) carry no gradient, so they do not show.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def influence_map(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return influence / influence.amax(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def mechanism_map(name: str, length: int = 64, causal: bool = False, dim: int = 32, heads: int = 4,
+def mechanism_map(name: str, length: int = 40, causal: bool = False, dim: int = 32, heads: int = 2,
                   seed: int = 0, **options) -> torch.Tensor:
     """The influence map of mechanism `name` at `length` on a random input (float64, eval mode)."""
     torch.manual_seed(seed)
@@ -43,7 +45,7 @@ def grid_shape(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
-def sorted_view(name: str, length: int = 64, causal: bool = False, dim: int = 32, heads: int = 4,
+def sorted_view(name: str, length: int = 40, causal: bool = False, dim: int = 32, heads: int = 2,
                 seed: int = 0, **options) -> torch.Tensor | None:
     """For learnable patterns: a permutation (N,) that groups positions by bucket / cluster /
     sorted block, from the mechanism's `display_order(x)` if it has one; else None."""

@@ -91,7 +91,13 @@ QUADRATIC = {"O(N²)"}
 
 
 def is_subquadratic(name: str) -> bool:
-    """True where the survey claims less than O(N²) in the sequence length."""
+    """True where the survey's complexity grows slower than N² at fixed options. Memory Compressed
+    (O(N_c²), N_c = N / compression) is quadratic with a smaller constant, so it is not."""
+    return claimed_exponent(name) < 2.0
+
+
+def avoids_n_by_n(name: str) -> bool:
+    """True where the survey claims less than a full N × N score matrix (all but O(N²))."""
     return SURVEY_TABLE[name].complexity not in QUADRATIC
 
 

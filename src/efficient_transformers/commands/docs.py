@@ -16,6 +16,7 @@ import torch
 from ..attention.base import state_nbytes
 from ..registry import attention_class, attention_spec, build_attention, list_attention
 from ..zoo import CLASS_NAMES, claimed_exponent
+from .patterns import GALLERY_LENGTH
 
 
 # Options a mechanism needs for the examples' input of 100 tokens (everything else: defaults).
@@ -39,12 +40,25 @@ def decode_state_sizes(name: str, contexts=(50, 100), dim: int = 64, heads: int 
     return sizes
 
 
-def measured_exponents(bench_json: Path | None) -> dict:
-    """name -> {"time": exponent, "memory": exponent} from a bench.json, if given and present."""
-    if bench_json is None or not bench_json.is_file():
-        return {}
-    data = json.loads(bench_json.read_text())
-    return {row["name"]: row for row in data.get("fits", [])}
+def measured_exponents(bench_files: list[Path]) -> dict:
+    """name -> ["cuda bf16: time N^1.02, memory N^0.98", ...] from `bench.json` files (fwd+bwd,
+    non-causal, our mechanisms) written by `efficient-transformers bench`."""
+    found: dict[str, list[str]] = {}
+    for path in bench_files:
+        if not path.is_file():
+            raise FileNotFoundError(f"--bench: no file {path}")
+        data = json.loads(path.read_text())
+        where = f"{data['config']['device']} {data['config']['dtype']}"
+        for fit in data.get("analysis", {}).get("exponents", []):
+            if fit["kind"] != "ours" or fit["mode"] != "fwdbwd" or fit["causal"]:
+                continue
+            if fit.get("time_exponent") is None or fit.get("memory_exponent") is None:
+                continue
+            lengths = ", ".join(str(n) for n in fit.get("fit_lengths", []))
+            found.setdefault(fit["target"], []).append(
+                f"{where}: time N^{fit['time_exponent']:.2f}, memory N^{fit['memory_exponent']:.2f} "
+                f"(fit over N = {lengths})")
+    return found
 
 
 def usage_example(name: str) -> str:
@@ -78,9 +92,7 @@ def page(name: str, fits: dict) -> str:
     classes = ", ".join(f"{c} ({CLASS_NAMES[c]})" for c in spec.taxonomy) or "baseline"
     doc = inspect.cleandoc(cls.__doc__ or inspect.getmodule(cls).__doc__ or "")
     module_doc = inspect.cleandoc(inspect.getmodule(cls).__doc__ or "")
-    fit = fits.get(name, {})
-    measured = (f"time exponent {fit['time_exponent']:.2f}, memory exponent {fit['memory_exponent']:.2f}"
-                if fit.get("time_exponent") is not None and fit.get("memory_exponent") is not None
+    measured = ("; ".join(fits[name]) if name in fits
                 else "not measured yet (run `efficient-transformers bench` and rebuild the docs)")
     out = [f"# {spec.title} (`{name}`)", "",
            f"*{spec.paper}*, {spec.year}. Survey class: {classes}.", "",
@@ -100,8 +112,10 @@ def page(name: str, fits: dict) -> str:
     else:
         out += ["## Decode", "", "Does not decode (survey Table 1): `causal=True` raises ValueError.", ""]
     out += ["## Pattern", "", f"![{name} pattern](patterns/{name}.png)", "",
-            "Influence of each key position on each query's output on a random input "
-            "(`efficient-transformers patterns " + name + "`).", "",
+            "Influence of each key position on each query's output on a random input, with the "
+            "mechanism's small test configuration at N = 40 (`efficient-transformers patterns " + name +
+            "`). Keys reached through a detached cache (the segment memory of Transformer-XL and "
+            "the Compressive Transformer) carry no gradient and do not show.", "",
             "## Usage", "", "```python", usage_example(name), "```", ""]
     return "\n".join(out)
 
@@ -109,7 +123,7 @@ def page(name: str, fits: dict) -> str:
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fits = measured_exponents(Path(args.bench) if args.bench else None)
+    fits = measured_exponents([Path(p) for p in args.bench.split(",")] if args.bench else [])
     names = list_attention()
     for name in names:
         (out / f"{name}.md").write_text(page(name, fits), encoding="utf-8")
@@ -122,7 +136,7 @@ def run(args) -> int:
     (out / "index.md").write_text("\n".join(index) + "\n", encoding="utf-8")
     if not args.no_pictures:
         from .patterns import write_gallery
-        write_gallery(64, False, out / "patterns")
+        write_gallery(GALLERY_LENGTH, False, out / "patterns")
     print(f"wrote {len(names)} pages to {out}")
     return 0
 
@@ -130,6 +144,7 @@ def run(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("docs", help="write one Markdown page per mechanism (docs/)")
     p.add_argument("--out", default="docs")
-    p.add_argument("--bench", help="bench.json whose fitted exponents go on the pages")
+    p.add_argument("--bench", help="bench.json files (comma-separated) whose fitted exponents go "
+                   "on the pages, e.g. docs/bench/cpu.json,docs/bench/cuda.json")
     p.add_argument("--no-pictures", action="store_true")
     p.set_defaults(func=run)

@@ -8,6 +8,8 @@ from pathlib import Path
 from ..registry import attention_spec, list_attention
 from ..zoo import CLASS_NAMES
 
+# Every mechanism's `small_options` fit 40 tokens (several blocks, buckets, clusters or rows).
+GALLERY_LENGTH = 40
 CLASS_ORDER = ["-", "FP", "FP+M", "LP", "LR+LP", "M", "LR", "KR", "RC"]
 
 
@@ -87,7 +89,7 @@ def write_gallery(length: int, causal: bool, out_dir: Path) -> Path:
     mode = "causal" if causal else "bidirectional"
     fig.suptitle(f"Which keys each query attends to (N={length}, {mode}), by survey class\n{legend}",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     path = out_dir / f"gallery{'-causal' if causal else ''}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -111,7 +113,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("patterns", help="draw the N x N attention pattern of a mechanism")
     p.add_argument("name", nargs="?", help="registry key (see `efficient-transformers zoo`)")
     p.add_argument("options", nargs="*", metavar="option=value", help="mechanism options")
-    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--length", type=int, default=GALLERY_LENGTH)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--all", action="store_true", help="one picture per mechanism plus gallery.png")
     p.add_argument("--out", help="FILE.png, or the folder with --all (default docs/patterns)")

@@ -1,0 +1,80 @@
+"""`linear_transformer`: Katharopoulos et al. 2020, "Transformers are RNNs" (arXiv:2006.16236).
+
+Attention with the feature map φ(x) = elu(x) + 1 (section 3.2.1): softmax(q kᵀ) is replaced by
+φ(q) φ(k)ᵀ, row-normalised (eq. 4-6). Non-causal: the parallel form, O(N·d²). Causal: the chunked
+form of `functional.kernels.causal_linear_attention` (the paper's section 3.3 computes the causal
+prefix sums with a custom CUDA kernel; chunking gives the same values with batched matmuls).
+Decode: the RNN of section 3.4 with state S = Σ φ(k) vᵀ and z = Σ φ(k), of constant size.
+
+Computation runs in at least float32 (the normaliser z sums N positive terms, which overflows
+fp16), then casts back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..functional.kernels import (
+    DEFAULT_CHUNK, causal_linear_attention, compute_dtype, elu_feature_map, linear_attention,
+    linear_attention_step, mask_features,
+)
+from ..registry import register
+from .base import Attention, check_positive_int
+
+
+class KernelAttention(Attention):
+    """Shared parts of the kernelised attentions: projections, the three forms, decode.
+    Subclasses define `feature_maps(q, k, key_mask) -> (phi_q, phi_k)` on (B, H, N, d) tensors."""
+
+    def __init__(self, dim: int, heads: int, causal: bool, chunk_size: int):
+        super().__init__(dim, heads, causal)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def feature_maps(self, q, k, key_mask):
+        raise NotImplementedError
+
+    def qkv(self, x):
+        """(B, N, dim) -> q, k, v (B, H, N, d) in the compute dtype (>= float32)."""
+        dtype = compute_dtype(x.dtype)
+        return [self.split_heads(t).to(dtype) for t in self.to_qkv(x).chunk(3, dim=-1)]
+
+    def attend(self, x, mask):
+        q, k, v = self.qkv(x)
+        phi_q, phi_k = self.feature_maps(q, k, mask)
+        phi_k = mask_features(phi_k, mask)
+        if self.causal:
+            out = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size)
+        else:
+            out = linear_attention(phi_q, phi_k, v)
+        return self.to_out(self.merge_heads(out).to(x.dtype))
+
+    def decode_step(self, x_new, state):
+        q, k, v = self.qkv(x_new)
+        phi_q, phi_k = self.feature_maps(q, k, None)
+        kv = None if state is None else state["kv"]
+        if x_new.shape[1] == 1:  # the RNN step of section 3.4
+            out, kv = linear_attention_step(phi_q, phi_k, v, kv)
+        else:                    # a prompt: the chunked form continued from the state
+            out, kv = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
+                                              state=kv, return_state=True)
+        length = (0 if state is None else state["length"]) + x_new.shape[1]
+        return self.to_out(self.merge_heads(out).to(x_new.dtype)), {"kv": kv, "length": length}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_size={self.chunk_size}"
+
+
+@register("linear_transformer")
+class LinearTransformerAttention(KernelAttention):
+    """Options: `chunk_size` (positions per chunk of the causal form; speed only)."""
+
+    small_options = {"chunk_size": 8}
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__(dim, heads, causal, chunk_size)
+
+    def feature_maps(self, q, k, key_mask):
+        return elu_feature_map(q), elu_feature_map(k)

@@ -1,0 +1,72 @@
+"""`performer`: Choromanski et al. 2021, "Rethinking Attention with Performers" (arXiv:2009.14794).
+
+FAVOR+ (section 2): softmax attention exp(qᵀk/√d) estimated with m = `features` positive random
+features φ(x) = exp(ωᵀx − |x|²/2)/√m (Lemma 1) whose ω come in orthogonal blocks (section 2.4).
+`kernel="relu"` is generalized attention with f = ReLU (section 2.2). Linear attention then runs in
+the parallel form (non-causal) or the chunked prefix-sum form (causal, section 2.5's prefix sums
+computed chunk by chunk: no N × m × d cumulative tensor); decode is the constant-memory recurrence.
+
+Random features: drawn at construction from torch's RNG (torch.manual_seed reproduces them) and
+kept in the `omega` buffer (saved with the model). In training mode they are redrawn every
+`redraw_interval` forward calls (0 = never), as the paper recommends; eval mode never redraws,
+and decode never redraws (the state depends on the features).
+
+Exponent stabilisation (bf16/fp16 safe, strictly causal): see
+`functional.kernels.softmax_feature_map`; features and sums are computed in float32 or wider.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional.kernels import (
+    orthogonal_gaussian, relu_feature_map, softmax_feature_map,
+)
+from ..registry import register
+from .base import check_choice, check_positive_int
+from .linear_transformer import KernelAttention
+
+KERNELS = ("softmax", "relu")
+
+
+@register("performer")
+class PerformerAttention(KernelAttention):
+    """Options: `features` (m random features per head), `kernel` ("softmax" FAVOR+ or "relu"),
+    `redraw_interval` (training forward calls between redraws; 0 = never), `chunk_size` (causal
+    form; 128 measured fastest on CPU for m = 256 at N = 4096, speed only)."""
+
+    small_options = {"features": 32, "chunk_size": 8}
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, features: int = 256,
+                 kernel: str = "softmax", redraw_interval: int = 1000,
+                 chunk_size: int = 128):
+        super().__init__(dim, heads, causal, chunk_size)
+        self.features = check_positive_int("features", features)
+        self.kernel = check_choice("kernel", kernel, KERNELS)
+        self.redraw_interval = check_positive_int("redraw_interval", redraw_interval, minimum=0)
+        self.register_buffer("omega", orthogonal_gaussian(features, self.head_dim))
+        self.calls_since_redraw = 0
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Draw new random features from torch's RNG (in place, same device and dtype)."""
+        self.omega.copy_(orthogonal_gaussian(self.features, self.head_dim, device=self.omega.device))
+        self.calls_since_redraw = 0
+
+    def attend(self, x, mask):
+        if self.training and self.redraw_interval:
+            if self.calls_since_redraw >= self.redraw_interval:
+                self.redraw()
+            self.calls_since_redraw += 1
+        return super().attend(x, mask)
+
+    def feature_maps(self, q, k, key_mask):
+        omega = self.omega.to(q.dtype)
+        if self.kernel == "relu":
+            return relu_feature_map(q, omega), relu_feature_map(k, omega)
+        return (softmax_feature_map(q, omega, is_query=True),
+                softmax_feature_map(k, omega, is_query=False, causal=self.causal, key_mask=key_mask))
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", features={self.features}, kernel={self.kernel!r}, "
+                f"redraw_interval={self.redraw_interval}")

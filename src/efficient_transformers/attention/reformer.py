@@ -1,0 +1,145 @@
+"""`reformer`: LSH attention with shared query-key (Kitaev et al. 2020, arXiv:2001.04451, section 2).
+
+- Angular LSH by random rotations, `n_hashes` rounds, `bucket_size` tokens per bucket on average:
+  the number of buckets follows from the (internally padded) length, b = P / bucket_size (rounded
+  up to an even number; 1 when P <= bucket_size), unless `n_buckets` fixes it.
+- Shared-QK: keys are the normalised queries. A token attends to itself only when nothing else is
+  available. Sorted by (bucket, position), chunks of `bucket_size`, each chunk attends to itself and
+  the previous chunk within the same bucket. Rounds combined with log-sum-exp weights, duplicate
+  pairs counted once (see `functional/lsh.py`). Memory O(n_hashes · N · 2 · bucket_size), time
+  O(N log N) for the sort; no N×N tensor.
+- Any N: the layer pads to a multiple of `bucket_size`; padded and masked tokens get an extra bucket
+  that sorts after every real token, so their values never move a real token's chunk and real
+  queries never attend to them.
+- The rotations are fixed per layer: a seed drawn from torch's RNG at construction is stored as a
+  persistent buffer and the rotations for each bucket count are generated from it, so forward and
+  decode agree and a saved model hashes the same after loading. The paper redraws them at every
+  forward; `redraw=True` does that in training mode (eval stays deterministic).
+
+Causal variant (differs from the paper). The paper's causal Reformer masks j > i inside the sorted
+chunks, but which chunk a past query lands in depends on how many *later* tokens fall into lower
+buckets, so future tokens change what the past sees. Here, in each round, query i attends to the
+`bucket_size` most recent earlier tokens j < i of its own bucket (the paper's window of one chunk
+back, measured from i instead of from a chunk boundary). That set depends only on tokens <= i. It is
+computed with the same sort/gather: sorted by (bucket, position), the earlier tokens of i's bucket
+sit right before i, so a band of `bucket_size` sorted positions over (previous chunk, own chunk)
+covers them. The number of buckets cannot follow from N (N grows while decoding), so causal layers
+use `n_buckets` (default 64 when left None). Decode keeps every past key, value and bucket id
+(memory grows like a KV cache): a first call (the prompt) runs the chunked causal path, later calls
+evaluate the same definition densely for each new token against the cache (O(length) per token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
+from ..functional.dense import naive_attention
+from ..functional.lsh import (
+    causal_allowed_rounds, lsh_attention, lsh_buckets, random_rotations, union_with_self,
+)
+from ..registry import register
+from .base import Attention, check_positive_int
+
+CAUSAL_BUCKETS = 64  # buckets of a causal layer when `n_buckets` is None
+DECODE_QUERY_BLOCK = 64  # new tokens evaluated at once by a decode step (bounds its T x M masks)
+
+
+@register("reformer")
+class ReformerAttention(Attention):
+    small_options = {"bucket_size": 4, "n_hashes": 2, "n_buckets": 4}
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, bucket_size: int = 64,
+                 n_hashes: int = 4, n_buckets: int | None = None, redraw: bool = False):
+        super().__init__(dim, heads, causal)
+        self.bucket_size = check_positive_int("bucket_size", bucket_size)
+        self.n_hashes = check_positive_int("n_hashes", n_hashes)
+        if n_buckets is not None:
+            check_positive_int("n_buckets", n_buckets)
+            if n_buckets > 1 and n_buckets % 2:
+                raise ValueError(f"n_buckets: expected 1 or an even number (hashing takes the "
+                                 f"argmax over [xR; -xR]), got {n_buckets}")
+        if not isinstance(redraw, bool):
+            raise ValueError(f"redraw: expected True or False, got {redraw!r}")
+        self.n_buckets, self.redraw = n_buckets, redraw
+        self.to_qk = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.long)
+        self.register_buffer("hash_seed", seed)  # persistent: saved with the weights
+        self._rotations: dict = {}
+
+    # ------------------------------------------------------------------------- hashing
+    def buckets_for(self, padded_len: int) -> int:
+        if self.n_buckets is not None:
+            return self.n_buckets
+        if self.causal:
+            return CAUSAL_BUCKETS
+        b = max(padded_len // self.bucket_size, 1)
+        return b + (b % 2) if b > 1 else 1
+
+    def rotations(self, n_buckets: int, device, dtype) -> torch.Tensor:
+        """(H, R, d, b/2), fixed per layer (or fresh from torch's RNG with redraw in training)."""
+        if self.redraw and self.training:
+            return random_rotations(self.heads, self.n_hashes, self.head_dim, n_buckets,
+                                    device=device, dtype=dtype)
+        key = (int(self.hash_seed), n_buckets, str(device), dtype)
+        if key not in self._rotations:
+            gen = torch.Generator().manual_seed(int(self.hash_seed))
+            self._rotations = {key: random_rotations(self.heads, self.n_hashes, self.head_dim,
+                                                     n_buckets, gen, device, dtype)}
+        return self._rotations[key]
+
+    def hash(self, qk: torch.Tensor, n_buckets: int, key_mask=None) -> torch.Tensor:
+        """qk (B, H, N, d) -> buckets (B, H, R, N); padded positions get bucket n_buckets."""
+        work = torch.promote_types(qk.dtype, torch.float32)
+        return lsh_buckets(qk, self.rotations(n_buckets, qk.device, work), n_buckets, key_mask)
+
+    def qkv(self, x):
+        return self.split_heads(self.to_qk(x)), self.split_heads(self.to_v(x))
+
+    # ------------------------------------------------------------------------- forward
+    def attend(self, x, mask):
+        b, n, _ = x.shape
+        x, _ = pad_to_multiple(x, self.bucket_size, dim=1)
+        p = x.shape[1]
+        key_mask = None
+        if mask is not None or p != n:
+            key_mask = pad_mask_to_multiple(mask, n, self.bucket_size, b, device=x.device)
+        qk, v = self.qkv(x)  # (B, H, P, d)
+        buckets = self.hash(qk, self.buckets_for(p), key_mask)
+        out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal)
+        return self.to_out(self.merge_heads(out[:, :, :n]))
+
+    # -------------------------------------------------------------------------- decode
+    def decode_step(self, x_new, state):
+        qk, v = self.qkv(x_new)  # (B, H, T, d)
+        buckets = self.hash(qk, self.buckets_for(0))  # (B, H, R, T)
+        k = F.normalize(qk, dim=-1)
+        if state is None:  # a prompt: the chunked causal path, then keep its keys as the cache
+            y = self.attend(x_new, None)
+            return y, {"k": k, "v": v, "buckets": buckets, "length": x_new.shape[1]}
+        offset = state["length"]
+        k = torch.cat([state["k"], k], dim=2)
+        v = torch.cat([state["v"], v], dim=2)
+        buckets_all = torch.cat([state["buckets"], buckets], dim=3)
+        outs = []
+        for start in range(0, qk.shape[2], DECODE_QUERY_BLOCK):  # bounds the (T, M) masks
+            stop = min(start + DECODE_QUERY_BLOCK, qk.shape[2])
+            m = offset + stop  # keys this block may see
+            per_round = causal_allowed_rounds(buckets[..., start:stop], buckets_all[..., :m],
+                                              self.bucket_size, offset=offset + start)
+            allowed = union_with_self(per_round, offset=offset + start)
+            outs.append(naive_attention(qk[:, :, start:stop], k[:, :, :m], v[:, :, :m], allowed,
+                                        1.0 / math.sqrt(self.head_dim)))
+        out = torch.cat(outs, dim=2)
+        state = {"k": k, "v": v, "buckets": buckets_all, "length": offset + x_new.shape[1]}
+        return self.to_out(self.merge_heads(out)), state
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, "
+                f"n_buckets={self.n_buckets}, redraw={self.redraw}")

@@ -1,0 +1,189 @@
+"""`routing_transformer`: content-based sparse attention by online k-means (Roy et al. 2021).
+
+Roy, Saffar, Vaswani, Grangier, "Efficient Content-Based Sparse Attention with Routing
+Transformers", TACL 2021, arXiv:2003.05997, section 4 ("Routing Attention"):
+- queries and keys are normalised to the unit sphere and routed to the nearest of `num_clusters`
+  centroids per head, shared by queries and keys; a query attends only inside its cluster;
+- the centroids are buffers updated by an exponential moving average (`decay`) of the vectors
+  assigned to them (online mini-batch k-means), in training only, AFTER the routing of the
+  current call has been computed (the forward never depends on its own update);
+- a commitment loss ||x - mu(x)||^2 (weight `commitment`) is reported as `self.aux_loss`;
+- the paper mixes local-attention heads with routing heads: the first `local_heads` heads attend
+  to a sliding window of `window` tokens, the others route (default: half of the heads).
+
+Non-causal form (the paper's balanced implementation): each cluster takes its top-k closest
+queries and its top-k closest keys, k = ceil(N / num_clusters), and attention runs inside each
+cluster (C batched k x k blocks, O(N k) = O(N^1.5) for C = sqrt(N)); a query selected by several
+clusters averages their outputs, a query selected by none gets 0 from the routing heads. Padded
+tokens rank last, so they never displace a real token.
+
+Causal form (differs from the paper): balanced top-k over the whole sequence lets future tokens
+change which past tokens a query sees, so the causal variant does not balance. Each token is
+routed once, by the nearest centroid to normalise(q_hat + k_hat), and a query attends to the most
+recent `window` tokens of its own cluster up to and including itself (all earlier tokens of the
+cluster when the cluster holds fewer). Computed by sorting tokens by (cluster, position) and a
+blocked sliding window over that order, O(N window); padded tokens go to an extra cluster of
+their own. Decode keeps the keys, values, clusters and per-cluster ranks of past tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional.kmeans import (
+    balanced_members, centroid_scores, commitment_loss, ema_centroids, group_ranks,
+    grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group, unpermute,
+)
+from ..registry import register
+from .base import Attention, check_positive_int
+
+
+@register("routing_transformer")
+class RoutingAttention(Attention):
+    small_options = {"num_clusters": 3, "window": 4, "local_heads": 1}
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, num_clusters: int = 32,
+                 window: int = 128, local_heads: int | None = None, decay: float = 0.999,
+                 commitment: float = 1e-4):
+        super().__init__(dim, heads, causal)
+        check_positive_int("num_clusters", num_clusters)
+        check_positive_int("window", window)
+        if local_heads is None:
+            local_heads = heads // 2
+        if isinstance(local_heads, bool) or not isinstance(local_heads, int) or not 0 <= local_heads <= heads:
+            raise ValueError(f"local_heads: expected an integer in [0, heads={heads}], got {local_heads!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
+        if isinstance(commitment, bool) or not isinstance(commitment, (int, float)) or commitment < 0:
+            raise ValueError(f"commitment: expected a number >= 0, got {commitment!r}")
+        self.num_clusters, self.window, self.local_heads = num_clusters, window, local_heads
+        self.routing_heads = heads - local_heads
+        self.decay, self.commitment = float(decay), float(commitment)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
+        init = F.normalize(torch.randn(self.routing_heads, num_clusters, self.head_dim), dim=-1)
+        self.register_buffer("centroids", init)  # (H_routing, C, d), unit norm
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_clusters={self.num_clusters}, window={self.window}, "
+                f"local_heads={self.local_heads}")
+
+    def qkv(self, x):
+        """(B, N, dim) -> q, k, v each (B, H, N, d)"""
+        return [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
+
+    # ------------------------------------------------------------------------ routing
+    def route_vectors(self, q, k):
+        """Unit vectors used for routing: (q_hat, k_hat), or the shared one when causal."""
+        q_hat, k_hat = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.causal:
+            return F.normalize(q_hat + k_hat, dim=-1), None
+        return q_hat, k_hat
+
+    def learn(self, vectors, scores, real):
+        """Commitment loss for the routed vectors and, in training, the EMA step (after routing).
+
+        vectors: unit vectors (B, Hr, N, d); scores: their centroid scores (B, Hr, N, C)."""
+        best = [s.max(dim=-1) for s in scores]
+        loss = sum(commitment_loss(x, b.values, b.indices, self.centroids, real)
+                   for x, b in zip(vectors, best)) / len(vectors)
+        self.aux_loss = self.commitment * loss
+        if self.training:
+            new = self.centroids
+            for x, b in zip(vectors, best):
+                new = ema_centroids(new, x, b.indices, real, self.decay)
+            self.centroids = new  # a new tensor: the graph of this call keeps the old one
+
+    def routing(self, q, k, v, real):
+        """Routing heads: q, k, v (B, Hr, N, d), real (B, N) -> (B, Hr, N, d)."""
+        n = q.shape[2]
+        mu = self.centroids.detach()
+        if self.causal:
+            r, _ = self.route_vectors(q, k)
+            scores = centroid_scores(r, mu)
+            assign = scores.argmax(dim=-1)  # (B, Hr, N)
+            self.learn([r], [scores], real)
+            group = torch.where(real[:, None, :], assign, self.num_clusters)  # padded: own group
+            order = sort_by_group(group)
+            real_h = None if bool(real.all()) else permute(real[:, None, :].expand_as(group), order)
+            qs, ks, vs = (permute(t, order) for t in (q, k, v))
+            out = grouped_window_attention(qs, ks, vs, permute(group, order), real_h,
+                                           self.window, causal=True)
+            return unpermute(out, order)
+        q_hat, k_hat = self.route_vectors(q, k)
+        sq, sk = centroid_scores(q_hat, mu), centroid_scores(k_hat, mu)  # (B, Hr, N, C)
+        size = min(n, math.ceil(n / self.num_clusters))
+        q_members = balanced_members(sq, size, real)
+        k_members = balanced_members(sk, size, real)
+        self.learn([q_hat, k_hat], [sq, sk], real)
+        return routed_attention(q, k, v, q_members, k_members, real)
+
+    def local(self, q, k, v, real):
+        """Local heads: sliding window of `window` tokens. (B, Hl, N, d) -> (B, Hl, N, d)."""
+        return grouped_window_attention(q, k, v, None, real, self.window, self.causal)
+
+    def attend(self, x, mask):
+        b, n, _ = x.shape
+        real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+        q, k, v = self.qkv(x)
+        hl = self.local_heads
+        outs = []
+        if hl:
+            outs.append(self.local(q[:, :hl], k[:, :hl], v[:, :hl], mask))
+        if self.routing_heads:
+            outs.append(self.routing(q[:, hl:], k[:, hl:], v[:, hl:], real))
+        return self.to_out(self.merge_heads(torch.cat(outs, dim=1)))
+
+    # ------------------------------------------------------------------------- decode
+    def decode_step(self, x_new, state):
+        b, t, _ = x_new.shape
+        q, k, v = self.qkv(x_new)
+        hl, c = self.local_heads, self.num_clusters
+        if self.routing_heads:
+            r, _ = self.route_vectors(q[:, hl:], k[:, hl:])
+            group = nearest_centroid(r, self.centroids.detach())  # (B, Hr, T)
+            ranks, counts = group_ranks(group, c, None if state is None else state["counts"])
+        if state is None:
+            # the prompt: one fast causal forward (no mask), then the cache
+            y = self.attend(x_new, None)
+            self.aux_loss = None
+            cache_k, cache_v = k, v
+            groups, all_ranks = (group, ranks) if self.routing_heads else (None, None)
+            start = 0
+        else:
+            start = state["length"]
+            cache_k = torch.cat([state["k"], k], dim=2)
+            cache_v = torch.cat([state["v"], v], dim=2)
+            groups = all_ranks = None
+            if self.routing_heads:
+                groups = torch.cat([state["group"], group], dim=2)
+                all_ranks = torch.cat([state["rank"], ranks], dim=2)
+            y = self.decode_against_cache(q, cache_k, cache_v, groups, all_ranks, start)
+        new_state = {"length": start + t, "k": cache_k, "v": cache_v}
+        if self.routing_heads:
+            new_state.update(group=groups, rank=all_ranks, counts=counts)
+        return y, new_state
+
+    def decode_against_cache(self, q, k, v, groups, ranks, start):
+        """New queries q (B, H, T, d) at positions start.. against every cached key (B, H, M, d)."""
+        t, m = q.shape[2], k.shape[2]
+        i = torch.arange(t, device=q.device)[:, None] + start
+        j = torch.arange(m, device=q.device)[None, :]
+        past = j <= i  # (T, M)
+        hl = self.local_heads
+        masks = []
+        if hl:
+            local = past & (i - j < self.window)
+            masks.append(local.expand(q.shape[0], hl, t, m))
+        if self.routing_heads:
+            gq, rq = groups[:, :, start:], ranks[:, :, start:]
+            same = gq[..., :, None] == groups[..., None, :]
+            recent = (rq[..., :, None] - ranks[..., None, :]) < self.window
+            masks.append(past & same & recent)
+        allowed = torch.cat(masks, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.to_out(self.merge_heads(out))

@@ -1,0 +1,128 @@
+"""What one benchmark run measures: the configuration, the cases, and the N-tied options table.
+
+A *target* is one thing timed: a registered mechanism ("ours"), a reference kernel ("ref",
+`bench/reference.py`) or a public package ("peer", `bench/peers.py`). A *case* is one target at
+one length N in one mode:
+
+- ``fwd``     forward only, eval mode under ``torch.no_grad()`` (inference);
+- ``fwdbwd``  forward + backward in train mode, input requiring grad (a layer inside a network);
+              the CLI mode ``causal`` is this with ``causal=True`` (mechanisms that decode);
+- ``decode``  ``causal=True``, eval: a prefix of N - T tokens in one call, then T tokens one at a
+              time; the time is per generated token, the state size is at context N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MODES = ("fwd", "fwdbwd", "decode", "causal")
+
+# `efficient-transformers bench` with no arguments: ~3 minutes on 2 CPU cores for ~18 mechanisms.
+DEFAULT_LENGTHS = (256, 1024, 4096)
+DEFAULT_MODES = ("fwd", "fwdbwd", "decode")
+DEFAULT_REPEATS = 3
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_DECODE_TOKENS = 8
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] | None = None      # None: every registered mechanism + the reference kernels
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    modes: tuple[str, ...] = DEFAULT_MODES
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch: int = 1
+    dim: int = 512
+    heads: int = 8
+    repeats: int = DEFAULT_REPEATS
+    warmup: int = 1
+    decode_tokens: int = DEFAULT_DECODE_TOKENS
+    peers: bool = False
+    out: str = "bench-results"
+    timeout: float = DEFAULT_TIMEOUT_S
+    budget: float | None = None          # seconds for the whole run; later cases are skipped
+    threads: int | None = None           # torch threads per case; None: torch's default
+    clock: str = "wall"                  # "wall" or "cpu" (process CPU time; CPU device only)
+    isolate: bool = True                 # run cases in worker processes (memory, timeouts)
+    plots: bool = True
+    progress: bool = True
+    command: str = ""                    # the command line, for the report
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Refuse impossible settings before anything runs (errors name the option)."""
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    for mode in cfg.modes:
+        if mode not in MODES:
+            raise ValueError(f"--modes: expected a subset of {list(MODES)}, got {mode!r}")
+    if not cfg.lengths or any(int(n) < 2 for n in cfg.lengths):
+        raise ValueError(f"--lengths: expected integers >= 2, got {list(cfg.lengths)}")
+    for name, value in (("--batch", cfg.batch), ("--dim", cfg.dim), ("--heads", cfg.heads),
+                        ("--repeats", cfg.repeats)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"--dim: expected a multiple of --heads={cfg.heads}, got {cfg.dim}")
+    if cfg.clock not in ("wall", "cpu") or (cfg.clock == "cpu" and cfg.device != "cpu"):
+        raise ValueError(f"--clock: expected wall, or cpu with --device cpu, got {cfg.clock!r}")
+    if cfg.timeout <= 0:
+        raise ValueError(f"--timeout: expected seconds > 0, got {cfg.timeout}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device: cuda requested but torch.cuda.is_available() is False")
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# ------------------------------------------------------------------ options tied to N
+def grid_shape(n: int, axes: int = 2) -> tuple[int, ...]:
+    """The most square raster grid with prod(shape) == n: 4096 -> (64, 64), 2048 -> (32, 64).
+
+    For 2 axes: rows = the largest divisor of n not above sqrt(n). More axes: split recursively.
+    """
+    if axes <= 1:
+        return (n,)
+    target = round(n ** (1.0 / axes))
+    rows = max(d for d in range(1, max(target, 1) + 1) if n % d == 0)
+    return (rows, *grid_shape(n // rows, axes - 1))
+
+
+def _shape_for(n: int, default: Any) -> tuple[int, ...]:
+    axes = len(default) if isinstance(default, (tuple, list)) and len(default) >= 2 else 2
+    return grid_shape(n, axes)
+
+
+def _max_len_for(n: int, default: Any) -> int | None:
+    if default is None or (isinstance(default, int) and default < n):
+        return n
+    return default
+
+
+# option name -> fn(N, default) giving the value used at length N. Only these options are
+# touched; every other option keeps the mechanism's default. Documented in docs/benchmarks.md.
+LENGTH_TIED_OPTIONS = {
+    "shape": _shape_for,      # an image / grid input: the most square grid of N positions
+    "max_len": _max_len_for,  # a fixed maximum length (Linformer's projection): at least N
+}
+
+
+def length_options(spec_options: dict[str, Any], n: int) -> dict[str, Any]:
+    """Options to pass at length N for a mechanism whose defaults are `spec_options`."""
+    return {k: fn(n, spec_options[k]) for k, fn in LENGTH_TIED_OPTIONS.items() if k in spec_options}
+
+
+def label(target: str, causal: bool, mode: str) -> str:
+    """The series name of a target in the report: 'performer' or 'performer (causal)'."""
+    return f"{target} (causal)" if causal and mode != "decode" else target

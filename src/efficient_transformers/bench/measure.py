@@ -1,0 +1,239 @@
+"""Run one case in this process: build the target, time it, measure its peak memory.
+
+Timing: `warmup` untimed runs, then the median of `repeats` timed runs (``perf_counter``, with
+``torch.cuda.synchronize()`` before and after each run on CUDA; or, with ``clock="cpu"``, the
+process's CPU time, all threads, which other processes on a shared machine do not inflate).
+
+Peak memory is the peak *above the baseline* taken after the warm-up (the built layer, its input
+and the output gradient exist; lazy initialisations of the first run are done), over the timed
+runs, so it counts activations, temporaries, saved tensors and parameter gradients:
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the
+  allocated bytes at the baseline (exact; the caching allocator's reserve is not counted);
+- CPU: the process's resident-set high-water mark (``VmHWM`` in /proc/self/status), reset to the
+  current RSS by writing 5 to /proc/self/clear_refs at the baseline, minus ``VmRSS`` there. Each
+  CPU case runs in a fresh worker process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so large
+  tensors are mmap'd and returned to the OS when freed (RSS follows live tensors). Where
+  clear_refs is not writable, ``ru_maxrss`` minus the baseline RSS is used (an upper bound) and
+  the record says ``mem_method: ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .config import DTYPES, length_options
+
+MIB = 2.0 ** 20
+
+
+# ------------------------------------------------------------------------- CPU memory
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class CpuPeak:
+    """Peak resident memory above the current level, in bytes (see the module docstring)."""
+
+    def __init__(self):
+        gc.collect()
+        self.method = "VmHWM"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.method = "ru_maxrss"
+        rss = _proc_status_kib("VmRSS")
+        if rss is None:  # not Linux: no way to read it
+            self.method = "unavailable"
+        self.base_kib = rss or 0
+
+    def peak_bytes(self) -> int | None:
+        if self.method == "VmHWM":
+            hwm = _proc_status_kib("VmHWM")
+        elif self.method == "ru_maxrss":
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        else:
+            return None
+        return max(0, (hwm or 0) - self.base_kib) * 1024
+
+
+class CudaPeak:
+    def __init__(self, device):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+        self.method = "max_memory_allocated"
+        self.base = torch.cuda.memory_allocated(device)
+
+    def peak_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+
+
+# --------------------------------------------------------------------------- targets
+def build_target(case: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The module a case times, and the options used (for the record)."""
+    kind, name, n = case["kind"], case["target"], case["n"]
+    dim, heads = case["dim"], case["heads"]
+    causal = case["causal"] or case["mode"] == "decode"
+    if kind == "ours":
+        import efficient_transformers as et
+
+        options = {**length_options(et.attention_spec(name).options, n), **case.get("options", {})}
+        return et.build_attention(name, dim=dim, heads=heads, causal=causal, **options), options
+    if kind == "ref":
+        from .reference import build_reference
+
+        return build_reference(name, dim, heads), {}
+    if kind == "peer":
+        from .peers import build_peer
+
+        return build_peer(name, dim, heads, n), {}
+    raise ValueError(f"case kind: expected ours, ref or peer, got {kind!r}")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, warmup: int, repeats: int, start_peak, between=None,
+           clock=time.perf_counter):
+    """Warm-up runs, then the peak-memory baseline, then `repeats` timed runs -> (times, peak)."""
+    times, peak = [], None
+    for i in range(warmup + repeats):
+        if between is not None:
+            between()
+        if i == warmup:  # lazy initialisations of the first run belong to the baseline
+            peak = start_peak()
+        _sync(device)
+        t0 = clock()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(clock() - t0)
+    return times, peak
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Measure one case; returns {"status": "ok", "time_ms", "peak_mib", ...}. Raises on failure.
+
+    `cpu_s` is the CPU time of the whole case (build, warm-up, timed runs; all threads): on a
+    loaded machine it tells what the case would cost alone.
+    """
+    cpu0 = time.process_time()
+    result = _run_case(case)
+    result["cpu_s"] = round(time.process_time() - cpu0, 3)
+    return result
+
+
+def _run_case(case: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(case["device"])
+    dtype = getattr(torch, DTYPES[case["dtype"]])
+    if case.get("threads"):
+        torch.set_num_threads(int(case["threads"]))
+    torch.manual_seed(0)
+    layer, options = build_target(case)
+    layer = layer.to(device=device, dtype=dtype)
+    b, n, dim, mode = case["batch"], case["n"], case["dim"], case["mode"]
+    x = torch.randn(b, n, dim, device=device, dtype=dtype)
+    result: dict[str, Any] = {"options": options}
+    warmup, repeats = case["warmup"], case["repeats"]
+    clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
+
+    def start_peak():
+        return CudaPeak(device) if device.type == "cuda" else CpuPeak()
+
+    if mode == "fwd":
+        layer.eval()
+        with torch.no_grad():
+            times, peak = _timed(lambda: layer(x), device, warmup, repeats, start_peak,
+                                 clock=clock)
+    elif mode == "fwdbwd":
+        layer.train()
+        x.requires_grad_(True)
+        grad = torch.randn(b, n, dim, device=device, dtype=dtype)
+
+        def step():
+            y = layer(x)
+            aux = getattr(layer, "aux_loss", None)
+            if isinstance(aux, torch.Tensor) and aux.requires_grad:
+                torch.autograd.backward([y, aux], [grad, torch.ones_like(aux)])
+            else:
+                y.backward(grad)
+
+        def clear():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+
+        times, peak = _timed(step, device, warmup, repeats, start_peak, between=clear,
+                             clock=clock)
+    elif mode == "decode":
+        result.update(_decode(layer, x, case, start_peak))
+        return result
+    else:
+        raise ValueError(f"mode: expected fwd, fwdbwd or decode, got {mode!r}")
+    result.update(status="ok", time_ms=statistics.median(times) * 1e3,
+                  times_ms=[t * 1e3 for t in times])
+    peak_bytes = peak.peak_bytes()
+    result.update(peak_mib=None if peak_bytes is None else peak_bytes / MIB,
+                  mem_method=peak.method)
+    return result
+
+
+def _decode(layer, x, case, start_peak) -> dict[str, Any]:
+    """Prefix of N - T tokens in one call, then T single tokens; time per token, state at N."""
+    device = x.device
+    n = x.shape[1]
+    tokens = max(1, min(case.get("decode_tokens", 8), n - 1))
+    layer.eval()
+    with torch.no_grad():
+        if n >= 3:  # warm-up: lazy initialisations happen before the baseline
+            _, warm = layer.decode(x[:, :2], None)
+            layer.decode(x[:, 2:3], warm)
+            del warm
+        peak = start_peak()
+        _, state = layer.decode(x[:, : n - tokens], None)
+        clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
+        times = []
+        for t in range(n - tokens, n):
+            _sync(device)
+            t0 = clock()
+            _, state = layer.decode(x[:, t: t + 1], state)
+            _sync(device)
+            times.append(clock() - t0)
+        peak_bytes = peak.peak_bytes()
+    from ..attention.base import state_nbytes
+
+    timed = times[1:] if len(times) > 1 else times  # the first step is the warm-up
+    return {"status": "ok", "time_ms": statistics.median(timed) * 1e3,
+            "times_ms": [t * 1e3 for t in timed], "state_bytes": state_nbytes(state),
+            "decode_tokens": tokens,
+            "peak_mib": None if peak_bytes is None else peak_bytes / MIB,
+            "mem_method": peak.method}
+
+
+def classify_error(err: BaseException) -> str:
+    """'oom' for out-of-memory errors (CPU allocator or CUDA), else 'error: Type: message'."""
+    text = f"{type(err).__name__}: {err}"
+    lowered = text.lower()
+    oom_cuda = getattr(torch.cuda, "OutOfMemoryError", None)
+    if (oom_cuda is not None and isinstance(err, oom_cuda)) or isinstance(err, MemoryError) \
+            or "out of memory" in lowered or "can't allocate memory" in lowered \
+            or "cannot allocate memory" in lowered:
+        return "oom"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return "error: " + first[:300]

@@ -1,0 +1,90 @@
+"""Reference kernels timed by the same harness, so every mechanism gets a ratio against them.
+
+Each is one self-attention layer with the same projections as `transformer` (one fused qkv
+Linear, one output Linear), so only the attention core differs:
+
+- ``dense_sdpa``         `scaled_dot_product_attention` (FlashAttention on CUDA), full attention;
+- ``dense_sdpa_causal``  the same with ``is_causal=True``;
+- ``flex_window``        FlexAttention with a ±256 sliding-window BlockMask (``|i - j| <= 256``)
+                         built by `create_block_mask` (no dense N×N mask), CUDA only: FlexAttention
+                         has no backward on CPU, so the harness skips it there with a note.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REFERENCES = ("dense_sdpa", "dense_sdpa_causal", "flex_window")
+FLEX_WINDOW = 256
+CUDA_ONLY = {"flex_window": "CUDA only: FlexAttention has no backward on CPU"}
+
+
+class _Projected(nn.Module):
+    """qkv Linear -> core(q, k, v) with (B, H, N, d) -> out Linear."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def core(self, q, k, v):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = self.core(q, k, v)  # (B, H, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class DenseSDPA(_Projected):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__(dim, heads)
+        self.causal = causal
+
+    def core(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+@lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@lru_cache(maxsize=16)
+def window_block_mask(n: int, window: int, device: str):
+    """BlockMask of |i - j| <= window, compiled (never a dense N×N mask); cached per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def in_window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx <= window) & (kv_idx - q_idx <= window)
+
+    return create_block_mask(in_window, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device,
+                             _compile=True)
+
+
+class FlexWindow(_Projected):
+    def __init__(self, dim: int, heads: int, window: int = FLEX_WINDOW):
+        super().__init__(dim, heads)
+        self.window = window
+
+    def core(self, q, k, v):
+        mask = window_block_mask(q.shape[-2], self.window, str(q.device))
+        return _compiled_flex()(q, k, v, block_mask=mask)
+
+
+def build_reference(name: str, dim: int, heads: int) -> nn.Module:
+    if name == "dense_sdpa":
+        return DenseSDPA(dim, heads)
+    if name == "dense_sdpa_causal":
+        return DenseSDPA(dim, heads, causal=True)
+    if name == "flex_window":
+        return FlexWindow(dim, heads)
+    raise ValueError(f"reference: unknown {name!r}; expected one of {list(REFERENCES)}")

@@ -1,0 +1,201 @@
+"""Feature maps and linear attention (kernelised attention, survey section 3.2 "KR").
+
+Linear attention replaces softmax(q kᵀ) v by φ(q) (φ(k)ᵀ v) / φ(q) (φ(k)ᵀ 1)
+(Katharopoulos et al. 2020, arXiv:2006.16236, eq. 4-6). Three forms of the same definition:
+
+- `linear_attention`: parallel, non-causal, O(N·m·d).
+- `causal_linear_attention`: chunked causal form. Inside a chunk of C positions an explicit
+  lower-triangular (C × C) product; across chunks an exclusive prefix sum of the per-chunk
+  (m × (d+1)) states. Memory O(N·C + N/C·m·d); never an N × m × d cumulative tensor.
+- `linear_attention_step`: the recurrent form (Katharopoulos et al. section 3.4, the RNN with
+  S_i = S_{i-1} + φ(k_i) v_iᵀ, z_i = z_{i-1} + φ(k_i)), one token at a time, for decode.
+
+The denominator rides along as an extra column of ones appended to v, so numerator and
+denominator come out of the same matmul: the state is (m, d+1), its last column is z.
+
+Feature maps:
+- `elu_feature_map`: elu(x) + 1 (Katharopoulos et al. section 3.2.1).
+- FAVOR+ (Choromanski et al. 2021, arXiv:2009.14794, section 2.3, Lemma 1): positive random
+  features φ(x) = exp(ωᵀx − |x|²/2) / √m with ω drawn from orthogonal blocks
+  (`orthogonal_gaussian`, section 2.4), estimating the softmax kernel exp(qᵀk).
+- `relu_feature_map`: generalized attention with f = ReLU (section 2.2 / appendix).
+
+Shapes: features (B, H, N, m), values (B, H, N, d). Features must be non-negative; positions
+whose key features are zero (padding) contribute nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import pad_to_multiple
+
+DEFAULT_CHUNK = 64
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype linear attention runs in: at least float32 (sums over N overflow fp16)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator where the denominator exceeds the smallest normal number; rows
+    with nothing to attend to (denominator 0, numerator 0) give 0 with finite gradients."""
+    ok = denominator > torch.finfo(denominator.dtype).tiny
+    return numerator / torch.where(ok, denominator, torch.ones_like(denominator))
+
+
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    """(..., N, d) -> (..., N, d+1): a column of ones appended, for the denominator."""
+    return F.pad(v, (0, 1), value=1.0)
+
+
+# ------------------------------------------------------------------------------ feature maps
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020, section 3.2.1)."""
+    return F.elu(x) + 1.0
+
+
+def orthogonal_gaussian(m: int, d: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(m, d) random features ω: stacked orthogonal blocks (QR of Gaussian d × d matrices) with
+    row norms drawn from the chi(d) distribution of Gaussian vectors, so each row is marginally
+    N(0, I_d) while rows within a block are exactly orthogonal (Choromanski et al. section 2.4).
+    Draws from torch's global RNG: torch.manual_seed reproduces it."""
+    gaussian = torch.randn(math.ceil(m / d), d, d, device=device, dtype=torch.float32)
+    q, r = torch.linalg.qr(gaussian)                       # batched over blocks
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # sign fix: Haar, unbiased
+    omega = q.transpose(-1, -2).reshape(-1, d)[:m]          # rows orthonormal within a block
+    norms = torch.randn(m, d, device=device, dtype=torch.float32).norm(dim=1, keepdim=True)
+    return (omega * norms).to(dtype)
+
+
+def softmax_feature_map(x: torch.Tensor, omega: torch.Tensor, is_query: bool,
+                        causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """FAVOR+ positive features of x (B, H, N, d) -> (B, H, N, m), for the kernel exp(qᵀk / √d).
+
+    The exponent is stabilised by subtracting a constant that cancels in the attention ratio:
+    - queries: a per-position max over features of ωᵀq (scales φ(q_i) by c_i, which cancels
+      between numerator and denominator of row i; the |q|²/2 term cancels the same way and is
+      dropped). Strictly causal.
+    - keys, non-causal: one max over every real key and feature (per batch and head); padded keys
+      (key_mask False) get exactly zero features before the max, so padding never moves it.
+    - keys, causal: a bound that depends on ω only: ωᵀk − |k|²/2 = |ω|²/2 − |k − ω|²/2 ≤ |ω|²/2,
+      so subtracting max_r |ω_r|²/2 never overflows and no future key can change a past row
+      (the public implementation uses the max over all keys, which leaks the future). The cost:
+      a key's features are at most exp(−|k − ω|²/2) below the bound, so in float32 keys of scaled
+      squared norm |k|²/√d above ~150 underflow to zero weight (an exact chunk-wise running max
+      with decays would avoid it; not done).
+    Stabilisers are detached (they cancel, so their gradient is zero anyway).
+    """
+    d = x.shape[-1]
+    x = x * d ** -0.25                              # exp(qᵀk/√d) = exp((q d^-¼)ᵀ(k d^-¼))
+    proj = torch.matmul(x, omega.T.to(x.dtype))     # (B, H, N, m)
+    m = omega.shape[0]
+    if is_query:
+        shift = proj.amax(dim=-1, keepdim=True).detach()
+        return torch.exp(proj - shift) * m ** -0.5
+    proj = proj - 0.5 * x.square().sum(dim=-1, keepdim=True)
+    if key_mask is not None:  # padded keys: exp(-inf) = 0, with a zero (not NaN) gradient
+        proj = proj.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+    if causal:
+        shift = 0.5 * omega.to(x.dtype).square().sum(dim=-1).amax().detach()
+    else:
+        shift = proj.amax(dim=(-1, -2), keepdim=True).detach()
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return torch.exp(proj - shift) * m ** -0.5
+
+
+def relu_feature_map(x: torch.Tensor, omega: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Generalized attention with f = ReLU: φ(x) = (relu(ωᵀx d^-¼) + eps) / √m
+    (Choromanski et al. section 2.2; eps keeps every denominator positive)."""
+    d, m = x.shape[-1], omega.shape[0]
+    proj = torch.matmul(x * d ** -0.25, omega.T.to(x.dtype))
+    return (F.relu(proj) + eps) * m ** -0.5
+
+
+def mask_features(phi_k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the key features of padded positions: key_mask (B, N), True = real."""
+    if key_mask is None:
+        return phi_k
+    return torch.where(key_mask[:, None, :, None], phi_k, torch.zeros_like(phi_k))
+
+
+# ------------------------------------------------------------------------- the three forms
+def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Parallel non-causal form: (B,H,N,m), (B,H,M,m), (B,H,M,d) -> (B,H,N,d)."""
+    kv = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))   # (B, H, m, d+1)
+    out = torch.matmul(phi_q, kv)                              # (B, H, N, d+1)
+    return safe_divide(out[..., :-1], out[..., -1:])
+
+
+def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                            chunk_size: int = DEFAULT_CHUNK, state: torch.Tensor | None = None,
+                            return_state: bool = False):
+    """Chunked causal form: output i = Σ_{j≤i} (φq_i·φk_j) v_j / Σ_{j≤i} φq_i·φk_j.
+
+    phi_q, phi_k (B, H, N, m), v (B, H, N, d); `state` (B, H, m, d+1): Σ φ(k) [v, 1] over tokens
+    before this call (decode), or None. Returns out (B, H, N, d) [, new state (B, H, m, d+1)].
+    """
+    n, d = v.shape[-2], v.shape[-1]
+    c = max(1, min(chunk_size, n))
+    vv = with_ones(v)
+    q, _ = pad_to_multiple(phi_q, c)    # padded keys have zero features: they add nothing
+    k, _ = pad_to_multiple(phi_k, c)
+    vv, _ = pad_to_multiple(vv, c)
+    b, h, npad, m = q.shape
+    nc = npad // c
+    q = q.view(b, h, nc, c, m)
+    k = k.view(b, h, nc, c, m)
+    vv = vv.view(b, h, nc, c, d + 1)
+    # inside chunks: explicit causal product                                 (B, H, nc, C, C)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    out = torch.matmul(scores.masked_fill(~tril, 0.0), vv)                 # (B, H, nc, C, d+1)
+    # across chunks: exclusive prefix sum of per-chunk states               (B, H, nc, m, d+1)
+    chunk_states = torch.matmul(k.transpose(-1, -2), vv)
+    inclusive = chunk_states.cumsum(dim=2)
+    prefix = inclusive - chunk_states
+    if state is not None:
+        prefix = prefix + state[:, :, None].to(prefix.dtype)
+    out = out + torch.matmul(q, prefix)
+    out = out.reshape(b, h, npad, d + 1)[:, :, :n]
+    result = safe_divide(out[..., :-1], out[..., -1:])
+    if not return_state:
+        return result
+    final = inclusive[:, :, -1]
+    if state is not None:
+        final = final + state.to(final.dtype)
+    return result, final
+
+
+def linear_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                          state: torch.Tensor | None = None):
+    """Recurrent form, one token: phi_q, phi_k (B, H, 1, m), v (B, H, 1, d), state (B, H, m, d+1)
+    -> (out (B, H, 1, d), new state). The state's size does not depend on the length seen."""
+    update = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))  # (B, H, m, d+1)
+    state = update if state is None else state + update
+    out = torch.matmul(phi_q, state)
+    return safe_divide(out[..., :-1], out[..., -1:]), state
+
+
+def recurrent_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                               state: torch.Tensor | None = None):
+    """The RNN over a whole sequence, token by token (reference for tests and short decodes)."""
+    outs = []
+    for i in range(v.shape[-2]):
+        y, state = linear_attention_step(phi_q[..., i:i + 1, :], phi_k[..., i:i + 1, :],
+                                         v[..., i:i + 1, :], state)
+        outs.append(y)
+    return torch.cat(outs, dim=-2), state
+
+
+def naive_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                           allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Oracle: the (N × M) matrix φ(q)φ(k)ᵀ, restricted to `allowed`, row-normalised, times v."""
+    a = torch.matmul(phi_q, phi_k.transpose(-1, -2))
+    if allowed is not None:
+        a = a.masked_fill(~allowed, 0.0)
+    return safe_divide(torch.matmul(a, v), a.sum(dim=-1, keepdim=True))

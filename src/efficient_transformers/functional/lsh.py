@@ -1,0 +1,275 @@
+"""Angular LSH attention with shared query-key (Kitaev et al. 2020, arXiv:2001.04451, section 2).
+
+Pure tensor code: hashing, the chunked fast path and the dense definitions used as the oracle and
+for decode. Shapes: qk, v (B, H, N, d); buckets (B, H, R, N) with R hash rounds.
+
+Definitions (the sets P_i of the paper, section 2 "LSH attention" and "Multi-round LSH attention"):
+- hash (section 2, "Locality sensitive hashing"): h(x) = argmax([xR ; -xR]) for a random
+  rotation R of shape (d, b/2), one per round. Padded tokens get the extra bucket `b` so that they
+  sort after every real token whatever their values (they never change a real token's chunk).
+- keys are the normalised queries, k_j = q_j / |q_j| (section 2, "shared-QK").
+- in round r the tokens are sorted by (bucket, position) and cut into chunks of m tokens.
+  Non-causal (the paper): i sees j when both share the round-r bucket and j sits in i's chunk or in
+  the chunk before it (no wrap-around from the first chunk to the last).
+  Causal (our variant, see `causal_allowed_rounds`): i sees j < i when both share the round-r
+  bucket and j is among the m most recent earlier tokens of that bucket.
+- a token never attends to itself unless its union over rounds is empty (section 2, "Causal
+  masking for shared-QK attention"); then it attends to itself alone.
+- rounds are combined by the union of their sets, every pair counted once: the per-round softmax
+  outputs are weighted by exp(lse_r - logsumexp_r lse_r) and a pair already seen in an earlier
+  round is masked in later ones. This equals the paper's "subtract log N_ij" (eq. in "Multi-round
+  LSH attention") exactly: both give the softmax over the union.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dense import naive_attention
+
+
+# ------------------------------------------------------------------------------ hashing
+def random_rotations(heads: int, n_hashes: int, head_dim: int, n_buckets: int,
+                     generator: torch.Generator | None = None, device=None,
+                     dtype=torch.float32) -> torch.Tensor:
+    """(H, R, d, b/2) Gaussian rotations (section 2: "a random matrix R of size [d_k, b/2]")."""
+    half = max(n_buckets // 2, 1)
+    rot = torch.randn(heads, n_hashes, head_dim, half, generator=generator, dtype=torch.float32)
+    return rot.to(device=device, dtype=dtype)
+
+
+def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """qk (B, H, N, d), rotations (H, R, d, b/2) -> buckets (B, H, R, N) in [0, b]; b = padding."""
+    b_, h, n, _ = qk.shape
+    r = rotations.shape[1]
+    if n_buckets == 1:
+        buckets = torch.zeros(b_, h, r, n, dtype=torch.long, device=qk.device)
+    else:
+        work = torch.promote_types(qk.dtype, torch.float32)
+        proj = torch.einsum("bhnd,hrdk->bhrnk", qk.detach().to(work), rotations.to(work))
+        top, low = proj.max(dim=-1), proj.min(dim=-1)  # argmax over [xR; -xR] without the concat
+        buckets = torch.where(top.values >= -low.values, top.indices, low.indices + proj.shape[-1])
+    if key_mask is not None:
+        buckets = buckets.masked_fill(~key_mask[:, None, None, :], n_buckets)
+    return buckets
+
+
+# ------------------------------------------------------------------------ the fast path
+class _WindowAttention(torch.autograd.Function):
+    """Softmax attention of chunk queries over their key windows, except where `blocked`.
+
+    q (..., c, d), k (..., d, 2c), v (..., 2c, e), blocked (..., c, 2c) -> out (..., c, e) and the
+    log-sum-exp of each row (..., c). The weights are the only (..., c, 2c) tensor kept for backward;
+    they serve both gradients: dS = softmax'(dW) + W * dlse. A row with nothing allowed comes out
+    uniform with lse = finfo.min + log(2c); the caller marks it empty.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocked):
+        scores = torch.matmul(q, k)
+        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1)
+        # lse = s_j - log w_j for any j; at the row maximum w_j >= 1/(2c), so this is exact
+        lse = scores.amax(dim=-1) - torch.log(weights.amax(dim=-1))
+        ctx.save_for_backward(q, k, v, weights)
+        return torch.matmul(weights, v), lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v, weights = ctx.saved_tensors
+        g_weights = torch.matmul(g_out, v.transpose(-1, -2))
+        g_v = torch.matmul(weights.transpose(-1, -2), g_out)
+        g_scores = torch._softmax_backward_data(g_weights, weights, -1, weights.dtype)
+        if g_lse is not None:
+            g_scores.addcmul_(weights, g_lse.unsqueeze(-1))
+        g_q = torch.matmul(g_scores, k.transpose(-1, -2))
+        g_k = torch.matmul(q.transpose(-1, -2), g_scores)
+        return g_q, g_k, g_v, None
+
+
+def _look_back(t: torch.Tensor) -> torch.Tensor:
+    """(..., C, c, x) -> (..., C, 2c, x): each chunk after its predecessor (the last for chunk 0)."""
+    c = t.shape[-2]
+    out = t.new_empty(*t.shape[:-2], 2 * c, t.shape[-1])
+    out[..., c:, :] = t
+    out[..., 1:, :c, :] = t[..., :-1, :, :]
+    out[..., 0, :c, :] = t[..., -1, :, :]
+    return out
+
+
+class _SortRounds(torch.autograd.Function):
+    """x (B·H·P, d) -> its rows in every round's sorted order, (B·H·R·P, d).
+
+    `to_sorted` picks, for each sorted slot, the source row; `to_positions` is the inverse: for
+    (b, h, r, p), the slot holding position p in round r. Backward gathers with the inverse and sums
+    over rounds (a gather, not the scatter-add of index_select's backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, to_sorted, to_positions, rounds, length):
+        ctx.save_for_backward(to_positions)
+        ctx.shape = (x.shape[0] // length, rounds, length)  # (B·H, R, P)
+        return x.index_select(0, to_sorted)
+
+    @staticmethod
+    def backward(ctx, g):
+        (to_positions,) = ctx.saved_tensors
+        back = g.index_select(0, to_positions)  # rows ordered (b, h, r, p)
+        back = back.view(*ctx.shape, g.shape[-1]).sum(dim=1)  # the rounds' gradients add up
+        return back.reshape(-1, g.shape[-1]), None, None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Rows x[index] for a permutation `index` whose inverse is `inverse` (backward: a gather)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
+def _static_mask(n_chunks: int, chunk: int, causal: bool, device) -> torch.Tensor:
+    """(C, c, 2c) bool, True where the window position may be attended (before bucket checks).
+
+    Window key t < c is token t of the previous chunk, t >= c token t - c of the own chunk.
+    Causal: key rank = query rank - (c + a - t); allowed when that distance is in [1, c].
+    Non-causal: everything but the query itself. The first chunk has no previous chunk.
+    """
+    a = torch.arange(chunk, device=device)[:, None]
+    t = torch.arange(2 * chunk, device=device)[None, :]
+    band = (t >= a) & (t < a + chunk) if causal else (t != a + chunk)
+    first = torch.arange(n_chunks, device=device)[:, None, None] > 0
+    return band[None] & (first | (t >= chunk)[None])
+
+
+def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chunk: int,
+                  causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Chunked multi-round shared-QK LSH attention; O(R·N·2c) memory, no N×N tensor.
+
+    qk (B, H, P, d), v (B, H, P, e), buckets (B, H, R, P) with P a multiple of `chunk`.
+    Returns (B, H, P, e) = softmax over the union of the rounds' sets (module docstring).
+    """
+    b_, h, p, d = qk.shape
+    e = v.shape[-1]
+    r = buckets.shape[2]
+    c = chunk
+    n_chunks = p // c
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    dev = qk.device
+
+    positions = torch.arange(p, device=dev)
+    order = (buckets * p + positions).sort(dim=-1).indices  # (B, H, R, P) stable by construction
+    rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
+    rows = (torch.arange(b_ * h, device=dev) * p).view(b_, h, 1, 1)
+    flat = (order + rows).reshape(-1)  # sorted slot -> row of qk / v (B·H·P rows)
+    slot0 = rows * r + torch.arange(r, device=dev).view(1, 1, r, 1) * p  # first slot of a round
+    to_slot = (rank + slot0).reshape(-1)  # (b, h, r, position) -> its sorted slot
+    from_slot = (order + slot0).reshape(-1)  # sorted slot -> (b, h, r, position)
+
+    # gather into sorted chunks: (B, H, R, C, c, .)
+    q_s = _SortRounds.apply(qk.reshape(-1, d), flat, to_slot, r, p)
+    v_s = _SortRounds.apply(v.reshape(-1, e), flat, to_slot, r, p)
+    q_s = q_s.view(b_, h, r, n_chunks, c, d)
+    k_w = _look_back(F.normalize(q_s, dim=-1)).transpose(-1, -2)  # (B, H, R, C, d, 2c)
+    v_w = _look_back(v_s.view(b_, h, r, n_chunks, c, e))  # (B, H, R, C, 2c, e)
+    b_q = buckets.to(torch.int32).gather(-1, order).view(b_, h, r, n_chunks, c)
+    b_k = _look_back(b_q[..., None])[..., 0]
+
+    blocked = (b_q[..., :, None] != b_k[..., None, :]) | ~_static_mask(n_chunks, c, causal, dev)
+    if r > 1:  # a pair already attended in an earlier round is masked: each pair counted once
+        if causal:  # member of round s: same bucket and rank distance in [1, c]
+            big, loc = p + c + 1, rank
+        else:  # member of round s: same bucket and chunk distance in {0, 1}
+            big, loc = n_chunks + 2, torch.div(rank, c, rounding_mode="floor")
+        small = (int(buckets.max()) + 1) * big < 2 ** 31
+        loc = (buckets * big + loc).to(torch.int32 if small else torch.int64)
+        loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, flat)  # all rounds' locs
+        loc_q = loc.view(b_, h, r, n_chunks, c, r)
+        loc_k = _look_back(loc_q)
+        shift = c.bit_length() - 1 if causal and c & (c - 1) == 0 else None
+        for s in range(r - 1):  # rounds s before the current round
+            dist = loc_q[:, :, s + 1:, ..., s, None] - loc_k[:, :, s + 1:, ..., None, :, s]
+            if not causal:
+                seen = (dist >> 1) == 0  # dist in {0, 1}
+            elif shift is not None:
+                seen = ((dist - 1) >> shift) == 0  # dist in [1, c], c a power of two
+            else:
+                seen = (dist >= 1) & (dist <= c)
+            blocked[:, :, s + 1:] |= seen
+
+    # per-round softmax restricted to `allowed`; empty rows are marked and weighted 0 below
+    out_s, lse_s = _WindowAttention.apply(q_s * scale, k_w, v_w, blocked)  # (.., C, c, e)
+    lse_s = lse_s.masked_fill(lse_s < torch.finfo(lse_s.dtype).min / 2, float("-inf"))  # empty
+
+    # back to positions: entry of position i in round r sits at sorted index rank[r, i]
+    out = _Permute.apply(out_s.reshape(-1, e), to_slot, from_slot).view(b_, h, r, p, e)
+    lse = _Permute.apply(lse_s.reshape(-1, 1), to_slot, from_slot).view(b_, h, r, p)
+    lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
+
+    any_set = torch.isfinite(lse).any(dim=2, keepdim=True)  # (B, H, 1, P)
+    round_w = torch.softmax(torch.where(any_set, lse, 0.0), dim=2).to(out.dtype)
+    combined = (round_w[..., None] * out).sum(dim=2)  # (B, H, P, e)
+    return torch.where(any_set.squeeze(2)[..., None], combined, v)  # empty union: itself
+
+
+# ------------------------------------------------------------- dense definitions (oracle)
+def causal_allowed_rounds(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int,
+                          offset: int = 0) -> torch.Tensor:
+    """Causal per-round sets, from the definition: (B, H, R, T, M) bool.
+
+    q_buckets (B, H, R, T) at positions offset..offset+T-1, k_buckets (B, H, R, M) at 0..M-1.
+    Query i sees key j when j < i, both share the bucket and at most `chunk` tokens of that
+    bucket lie in [j, i) (j is one of the `chunk` most recent earlier tokens of its bucket).
+    Padded keys carry the padding bucket, so real queries never see or count them.
+    """
+    t, m = q_buckets.shape[-1], k_buckets.shape[-1]
+    i = torch.arange(t, device=q_buckets.device)[:, None] + offset
+    j = torch.arange(m, device=q_buckets.device)[None, :]
+    same = (q_buckets[..., :, None] == k_buckets[..., None, :]) & (j < i)
+    recent = same.flip(-1).cumsum(-1, dtype=torch.int32).flip(-1)  # same-bucket keys in [j, i)
+    return same & (recent <= chunk)
+
+
+def chunked_allowed_rounds(buckets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Non-causal per-round sets of the paper, from the definition: (B, H, R, N, N) bool.
+
+    rank_r(i) = #{j : (b_j, j) < (b_i, i)} (sorted position), chunk_r(i) = rank // chunk;
+    i sees j != i when they share the bucket and chunk_r(i) - chunk_r(j) is 0 or 1.
+    """
+    n = buckets.shape[-1]
+    pos = torch.arange(n, device=buckets.device)
+    before = (buckets[..., None, :] < buckets[..., :, None]) | (
+        (buckets[..., None, :] == buckets[..., :, None]) & (pos[None, :] < pos[:, None]))
+    rank = before.sum(-1)  # (B, H, R, N)
+    ch = torch.div(rank, chunk, rounding_mode="floor")
+    dist = ch[..., :, None] - ch[..., None, :]
+    same = buckets[..., :, None] == buckets[..., None, :]
+    return same & ((dist == 0) | (dist == 1)) & (pos[:, None] != pos[None, :])
+
+
+def union_with_self(per_round: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """(B, H, R, T, M) -> (B, H, T, M): union over rounds; an empty row attends to itself."""
+    allowed = per_round.any(dim=2)
+    t, m = allowed.shape[-2:]
+    own = (torch.arange(m, device=allowed.device)[None, :]
+           == torch.arange(t, device=allowed.device)[:, None] + offset)
+    return allowed | (own & ~allowed.any(dim=-1, keepdim=True))
+
+
+def naive_lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chunk: int,
+                        causal: bool, scale: float | None = None) -> torch.Tensor:
+    """The oracle: dense shared-QK attention restricted to the union of the rounds' sets."""
+    if causal:
+        per_round = causal_allowed_rounds(buckets, buckets, chunk)
+    else:
+        per_round = chunked_allowed_rounds(buckets, chunk)
+    return naive_attention(qk, F.normalize(qk, dim=-1), v, union_with_self(per_round), scale)

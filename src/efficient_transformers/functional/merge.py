@@ -1,0 +1,118 @@
+"""Attention over a union of key sets: each part returns (out, lse), parts merge exactly.
+
+A query whose keys come from several disjoint parts (a local block and a strided column, a row and
+a column, raw keys and compressed slots) gets ONE softmax over the union when each part is computed
+with its own normaliser and the parts are merged by their log-sum-exp:
+
+    out = Σ_p exp(lse_p − lse) · out_p,   lse = log Σ_p exp(lse_p)
+
+This is the "merged" head of the Sparse Transformer (Child et al. 2019, section 4.3) computed
+blockwise. Everything here is differentiable through lse as well as out (the CPU flash kernel's
+logsumexp is not, hence the explicit softmax). Empty rows: out 0, lse −inf, finite gradients.
+
+Shapes: q (..., N, d), k and v (..., M, d), allowed bool broadcastable to (..., N, M);
+out (..., N, d) in the dtype of v, lse (..., N) in float32 (float64 for float64 input).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics are kept in float32 (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softmax_with_lse(scores: torch.Tensor):
+    """scores (..., M) with −inf where masked -> (probabilities (..., M), lse (...,))."""
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    total = e.sum(dim=-1, keepdim=True)
+    tiny = torch.finfo(total.dtype).tiny
+    p = e / total.clamp_min(tiny)
+    lse = torch.where(total > 0, torch.log(total.clamp_min(tiny)) + row_max,
+                      torch.full_like(total, float("-inf")))
+    return p, lse.squeeze(-1)
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    """softmax(q kᵀ · scale | allowed) v and its lse, with a hand-written backward that keeps
+    only the probabilities (one (..., N, M) tensor) and takes the lse gradient into account:
+    dS = P ∘ (dO vᵀ − rowsum(dO ∘ O) + dlse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, scale):
+        stat = stat_dtype(q.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(stat).mul_(scale)       # (..., N, M)
+        if allowed is not None:
+            scores.masked_fill_(~allowed, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = scores.sub_(row_max).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        p = p.div_(total.clamp_min(torch.finfo(stat).tiny))
+        lse = torch.where(total > 0, torch.log(total) + row_max,
+                          torch.full_like(total, float("-inf"))).squeeze(-1)
+        out = torch.matmul(p.to(v.dtype), v)
+        ctx.save_for_backward(q, k, v, p, out)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v, p, out = ctx.saved_tensors
+        stat = p.dtype
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_p = torch.matmul(d_out, v.transpose(-1, -2)).to(stat)                    # (..., N, M)
+        shift = (d_out.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)
+        if d_lse is not None:
+            shift = shift - d_lse.to(stat)[..., None]
+        d_s = d_p.sub_(shift).mul_(p).mul_(ctx.scale).to(q.dtype)
+        d_q = torch.matmul(d_s, k)
+        d_k = torch.matmul(d_s.transpose(-1, -2), q)
+        d_v = torch.matmul(p.to(v.dtype).transpose(-1, -2), d_out)
+        return d_q, d_k, d_v, None, None
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       allowed: torch.Tensor | None = None, scale: float | None = None):
+    """softmax(q kᵀ · scale, restricted to `allowed`) v, and the row log-sum-exp of the scores.
+    k and v are broadcast to q's leading dimensions."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    q = q.expand(*lead, *q.shape[-2:])
+    k = k.expand(*lead, *k.shape[-2:])
+    v = v.expand(*lead, *v.shape[-2:])
+    return _AttentionWithLse.apply(q, k, v, allowed, scale)
+
+
+def attention_with_lse_reference(q, k, v, allowed=None, scale=None):
+    """The same through autograd (for tests of the hand-written backward)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(stat_dtype(q.dtype)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    p, lse = softmax_with_lse(scores)
+    return torch.matmul(p.to(v.dtype), v), lse
+
+
+def merge_attention_parts(parts):
+    """[(out (..., N, d), lse (..., N)), ...] over disjoint key sets -> (out, lse) of their union."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])                    # (P, ..., N)
+    top = lses.amax(dim=0).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(lses - top)                                  # (P, ..., N), 0 for empty
+    total = weights.sum(dim=0)
+    tiny = torch.finfo(total.dtype).tiny
+    out = sum(w[..., None] * o.to(w.dtype) for w, (o, _) in zip(weights.unbind(0), parts))
+    out = out / total.clamp_min(tiny)[..., None]
+    lse = torch.where(total > 0, torch.log(total.clamp_min(tiny)) + top,
+                      torch.full_like(total, float("-inf")))
+    return out.to(parts[0][0].dtype), lse

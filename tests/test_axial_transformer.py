@@ -1,0 +1,59 @@
+"""axial_transformer: oracle (2-D and 3-D, causal, padded), limits, decode, model."""
+
+import pytest
+import torch
+
+import efficient_transformers as et
+from efficient_transformers.functional.dense import naive_attention
+from efficient_transformers.functional.patterns import dense_pattern_mask
+from helpers import max_abs_diff, small_attention
+from test_patterns import check_decode, check_oracle, train_steps
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (3, 3, 4), None])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_core_equals_oracle(shape, causal, padded):
+    attn = small_attention("axial_transformer", causal=causal, shape=shape)
+    n = 34
+    check_oracle(attn.core, dense_pattern_mask(attn.pattern(n), n), n, padded)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_single_row_is_full_attention(causal):
+    n = 13
+    attn = small_attention("axial_transformer", causal=causal, shape=(1, n))
+    full = torch.ones(n, n, dtype=torch.bool)
+    full = full.tril() if causal else full
+    assert torch.equal(dense_pattern_mask(attn.pattern(n), n), full)
+    q, k, v = torch.randn(3, 1, 2, n, 8, dtype=torch.float64)
+    assert max_abs_diff(attn.core(q, k, v), naive_attention(q, k, v, full)) < 1e-12
+
+
+def test_two_layers_reach_every_earlier_pixel():
+    n = 20
+    mask = dense_pattern_mask(small_attention("axial_transformer", causal=True, shape=(4, 5)).pattern(n), n)
+    two = (mask.double() @ mask.double()) > 0
+    assert torch.equal(two, torch.ones(n, n, dtype=torch.bool).tril())
+
+
+def test_decode_3d_pixel_by_pixel():
+    check_decode(small_attention("axial_transformer", causal=True, shape=(3, 3, 4)), n=36)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="shape"):
+        et.build_attention("axial_transformer", dim=16, heads=2, shape=(16,))
+    with pytest.raises(ValueError, match="shape"):
+        et.build_attention("axial_transformer", dim=16, heads=2, shape=(4, 0))
+    attn = et.build_attention("axial_transformer", dim=16, heads=2, causal=True)
+    with pytest.raises(ValueError, match="shape"):
+        attn.decode(torch.randn(1, 2, 16))
+
+
+def test_model_trains_and_generates():
+    torch.manual_seed(0)
+    model = et.build_model("axial_transformer", dim=32, depth=2, heads=2, max_len=42, shape=[6, 7])
+    tokens = torch.randint(0, 256, (2, 42))
+    train_steps(model, tokens)
+    assert model.generate(tokens[:, :3], max_new_tokens=39).shape == (2, 42)

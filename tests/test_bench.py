@@ -1,0 +1,189 @@
+"""The benchmark harness at tiny sizes: files, fits, failure records, peers without packages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+import efficient_transformers as et
+from efficient_transformers.bench import BenchConfig, fit_exponent, run_bench
+from efficient_transformers.bench.analysis import crossovers, fit_points, verdict
+from efficient_transformers.bench.config import grid_shape, length_options
+from efficient_transformers.bench.measure import classify_error
+from efficient_transformers.bench.runner import build_cases
+from efficient_transformers.bench.worker import CaseRunner
+from efficient_transformers.cli import main
+
+TINY = dict(lengths=(64, 128), dim=32, heads=2, repeats=1, threads=1, progress=False)
+
+
+def two_mechanisms() -> list[str]:
+    """`transformer` and one other registered mechanism (a decoder if there is one)."""
+    others = [n for n in et.list_attention() if n != "transformer"]
+    decoders = [n for n in others if et.attention_spec(n).decode]
+    return ["transformer", (decoders or others or ["transformer"])[0]]
+
+
+def test_harness_runs_and_writes_every_file(tmp_path):
+    models = two_mechanisms()
+    cfg = BenchConfig(models=models, modes=("fwd", "fwdbwd", "decode"), out=str(tmp_path),
+                      isolate=False, **TINY)
+    results = run_bench(cfg)
+    for name in ("bench.json", "bench.csv", "bench.md", "bench_time_fwdbwd.png",
+                 "bench_memory_fwdbwd.png", "bench_time_fwd.png", "bench_decode.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    expected = sum(3 if et.attention_spec(m).decode else 2 for m in set(models)) * 2
+    assert len(records) == expected
+    assert all(r["status"] == "ok" for r in records), [r["status"] for r in records]
+    for r in records:
+        assert r["time_ms"] > 0
+        if r["mode"] == "decode":
+            assert r["state_bytes"] > 0
+    with open(tmp_path / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == expected
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Forward + backward: time (ms)" in md and "`transformer`" in md
+    assert "![bench_time_fwdbwd](bench_time_fwdbwd.png)" in md
+    exps = results["analysis"]["exponents"]
+    assert {(e["label"], e["mode"]) for e in exps} >= {("transformer", "fwdbwd")}
+
+
+def test_dense_decode_state_is_the_kv_cache(tmp_path):
+    cfg = BenchConfig(models=["transformer"], modes=("decode",), out=str(tmp_path),
+                      plots=False, **TINY)  # isolated: a fresh worker process per case
+    records = run_bench(cfg)["records"]
+    for r in records:  # k and v: B * H * N * d floats each, fp32
+        assert r["state_bytes"] == 2 * 1 * 32 * r["n"] * 4
+
+
+def test_exponent_fit_recovers_synthetic_slopes():
+    ns = [256, 1024, 4096, 16384]
+    for slope in (1.0, 1.5, 2.0):
+        values = [3.0 * n ** slope * (1 + 0.01 * (-1) ** i) for i, n in enumerate(ns)]
+        assert fit_exponent(ns, values) == pytest.approx(slope, abs=0.02)
+    nlogn = [n * math.log(n) for n in ns]
+    assert 1.0 < fit_exponent(ns, nlogn) < 1.2
+    assert fit_exponent([1024], [3.0]) is None
+    assert fit_exponent([1024, 2048], [0.0, 1.0]) is None
+    # the longer lengths: shortest dropped when >= 3 points, at most the 3 longest
+    assert [p[0] for p in fit_points([(n, 1.0) for n in (256, 1024, 4096)])] == [1024, 4096]
+    assert [p[0] for p in fit_points([(n, 1.0) for n in ns + [65536]])] == [4096, 16384, 65536]
+    assert verdict(1.1, 1.0) == "agree" and verdict(0.5, 1.0) == "below"
+    assert verdict(2.0, 1.0) == "above" and verdict(None, 1.0) == "n/a"
+
+
+def test_crossover_is_the_shortest_n_beating_dense_from_there_on():
+    def rec(label, n, ms):
+        return {"label": label, "target": label, "kind": "ours", "mode": "fwdbwd",
+                "causal": False, "n": n, "status": "ok", "time_ms": ms}
+
+    records = [rec("transformer", n, ms) for n, ms in ((256, 1), (1024, 10), (4096, 100))]
+    records += [rec("fast", n, ms) for n, ms in ((256, 0.5), (1024, 20), (4096, 50))]
+    records += [rec("slow", n, ms) for n, ms in ((256, 2), (1024, 20), (4096, 200))]
+    rows = {r["label"]: r for r in crossovers(records)}
+    assert rows["fast"]["crossover"] == 4096 and rows["slow"]["crossover"] is None
+
+
+def test_grid_shape_and_length_tied_options():
+    assert grid_shape(4096) == (64, 64) and grid_shape(2048) == (32, 64)
+    assert grid_shape(1000) == (25, 40) and math.prod(grid_shape(4096, 3)) == 4096
+    assert length_options({"shape": None, "k": 8}, 1024) == {"shape": (32, 32)}
+    assert length_options({"max_len": 4096}, 1024) == {"max_len": 4096}
+    assert length_options({"max_len": 4096}, 16384) == {"max_len": 16384}
+
+
+def test_failures_are_recorded_not_dropped():
+    base = dict(kind="ours", target="transformer", causal=False, dtype="fp32", device="cpu",
+                heads=2, warmup=0, repeats=1, decode_tokens=4, threads=1)
+    runner = CaseRunner(timeout=60.0, fresh_per_case=False)  # reused, replaced after a timeout
+    try:
+        bad = runner.run(dict(base, mode="fwd", n=16, batch=1, dim=32, options={"bogus": 1}))
+        assert bad["status"].startswith("error: TypeError") and "bogus" in bad["status"]
+        huge = runner.run(dict(base, mode="fwd", n=2 ** 20, batch=2 ** 20, dim=512))
+        assert huge["status"] == "oom", huge
+        runner.timeout = 0.5
+        slow = runner.run(dict(base, mode="fwdbwd", n=4096, batch=4, dim=512, repeats=1000))
+        assert slow["status"] == "timeout"
+        runner.timeout = 60.0
+        fine = runner.run(dict(base, mode="fwd", n=16, batch=1, dim=32))
+        assert fine["status"] == "ok" and fine["peak_mib"] is not None
+    finally:
+        runner.close()
+    assert classify_error(RuntimeError("CUDA out of memory. Tried to allocate")) == "oom"
+    assert classify_error(ValueError("x: bad")) == "error: ValueError: x: bad"
+
+
+def test_longer_lengths_after_a_timeout_are_recorded_as_not_run(tmp_path):
+    cfg = BenchConfig(models=["transformer"], modes=("fwdbwd",), lengths=(4096, 8192),
+                      dim=512, heads=8, batch=4, repeats=1000, timeout=0.5, threads=1,
+                      progress=False, plots=False, out=str(tmp_path))
+    records = run_bench(cfg)["records"]
+    assert [r["status"] for r in records] == ["timeout", "timeout"]
+    assert records[1]["note"] == "not run: timeout at N=4096"
+    assert "## Cases not measured" in (tmp_path / "bench.md").read_text()
+
+
+def test_peers_without_their_packages_are_reported_not_installed(tmp_path, monkeypatch):
+    from efficient_transformers.bench import peers
+
+    monkeypatch.setattr(peers, "installed", lambda peer: False)
+    cfg = BenchConfig(models=["lucidrains_performer", "hf_bigbird"], modes=("fwdbwd",),
+                      out=str(tmp_path), isolate=False, **TINY)
+    results = run_bench(cfg)
+    assert {r["status"] for r in results["records"]} == {"not installed"}
+    assert results["records"][0]["note"] == "pip install performer-pytorch"
+    rows = results["analysis"]["peers"]
+    assert rows and all(r["time_ratio"] is None for r in rows)
+    assert "not installed" in (tmp_path / "bench.md").read_text()
+    # --peers with --models adds the peers of the mechanisms listed (causal pairing included)
+    cases = build_cases(BenchConfig(models=["performer"], peers=True, modes=("fwdbwd",),
+                                    lengths=(64,)))
+    if "performer" in et.list_attention():
+        assert {c["label"] for c in cases} == {"performer", "performer (causal)",
+                                               "lucidrains_performer",
+                                               "lucidrains_performer_causal"}
+
+
+def test_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):
+    code = main(["bench", "--models", "transformer", "--lengths", "64,128", "--dim", "32",
+                 "--heads", "2", "--repeats", "1", "--modes", "fwd", "--out", str(tmp_path),
+                 "--in-process", "--quiet", "--no-plots", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "transformer" in out and (tmp_path / "bench.md").exists()
+    assert main(["bench", "--models", "nope", "--out", str(tmp_path)]) == 2
+    assert "--models: unknown ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--modes", "sideways", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--dim", "30", "--heads", "4", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.gpu
+def test_flex_window_reference_matches_masked_sdpa():
+    import torch
+
+    from efficient_transformers.bench.reference import DenseSDPA, FlexWindow
+
+    torch.manual_seed(0)
+    flex = FlexWindow(64, 2, window=100).cuda()
+    dense = DenseSDPA(64, 2).cuda()
+    dense.load_state_dict(flex.state_dict())
+    x = torch.randn(2, 1000, 64, device="cuda")
+    i = torch.arange(1000, device="cuda")
+    allowed = (i[:, None] - i[None, :]).abs() <= 100
+    dense.core = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed)
+    with torch.no_grad():
+        assert (flex(x) - dense(x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_harness_measures_time_and_allocator_peak(tmp_path):
+    cfg = BenchConfig(models=["transformer", "dense_sdpa", "flex_window"], device="cuda",
+                      dtype="bf16", modes=("fwdbwd",), lengths=(1024, 2048), dim=64, heads=2,
+                      repeats=2, progress=False, out=str(tmp_path))
+    records = run_bench(cfg)["records"]
+    assert [r["status"] for r in records] == ["ok"] * 6
+    assert all(r["peak_mib"] > 0 and r["mem_method"] == "max_memory_allocated" for r in records)

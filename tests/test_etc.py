@@ -1,0 +1,139 @@
+"""ETC (Ainslie et al. 2020, section 2): global-local attention against a dense
+oracle over the sequence [global; long] (values and gradients, float64), limits, the layer's
+global inputs and outputs, the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import efficient_transformers as et
+from efficient_transformers.functional.dense import masked_softmax, naive_attention
+from efficient_transformers.functional.global_local import etc_attention, etc_dense_bias
+from helpers import max_abs_diff, random_mask, small_attention
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train far faster on one thread when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rand(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+def oracle(ql, kl, vl, qg, kg, vg, window, l2l, g2g, key_mask, segment_ids, l2g):
+    b, h, n, d = ql.shape
+    g = qg.shape[2]
+    bias = etc_dense_bias(n, g, window, l2l, g2g, key_mask, segment_ids, l2g, batch=b)
+    q, k, v = (torch.cat(p, dim=2) for p in ((qg, ql), (kg, kl), (vg, vl)))
+    ok = torch.isfinite(bias)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d) + bias.masked_fill(~ok, 0.0)
+    out = masked_softmax(scores, ok) @ v
+    return out[:, :, g:], out[:, :, :g]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("window,block,g", [(2, 2, 3), (3, 3, 1), (5, 4, 4)])
+def test_fast_path_equals_oracle(padded, segments, window, block, g):
+    b, h, n, d, radius = 2, 2, 23, 4, 3
+    gen = torch.Generator().manual_seed(window)
+    ql, kl, vl = rand(b, h, n, d), rand(b, h, n, d), rand(b, h, n, d)
+    qg, kg, vg = rand(b, h, g, d), rand(b, h, g, d), rand(b, h, g, d)
+    l2l, g2g, l2g = rand(h, 2 * radius + 1), rand(h, 2 * radius + 1), rand(h, 2)
+    key_mask = random_mask(b, n, generator=gen) if padded else None
+    seg = torch.randint(-1, g, (b, n), generator=gen) if segments else None
+    fast = etc_attention(ql, kl, vl, qg, kg, vg, window, block, l2l, g2g, key_mask, seg, l2g)
+    slow = oracle(ql, kl, vl, qg, kg, vg, window, l2l, g2g, key_mask, seg, l2g)
+    real = torch.ones(b, n, dtype=torch.bool) if key_mask is None else key_mask
+    sel = real[:, None, :, None].expand_as(fast[0])
+    assert max_abs_diff(fast[0][sel], slow[0][sel]) < 1e-12
+    assert max_abs_diff(fast[1], slow[1]) < 1e-12
+    grads = (torch.randn_like(fast[0]) * sel, torch.randn_like(fast[1]))
+    inputs = (ql, kl, vl, qg, kg, vg, l2l, g2g) + ((l2g,) if segments else ())
+    for a, c in zip(torch.autograd.grad(fast, inputs, grads), torch.autograd.grad(slow, inputs, grads)):
+        assert max_abs_diff(a, c) < 1e-12
+
+
+def test_window_covering_everything_is_full_attention():
+    # window >= N, zero biases, no segments: one softmax over [global; long] for every query
+    b, h, n, g, d = 2, 2, 13, 3, 4
+    ql, kl, vl = rand(b, h, n, d), rand(b, h, n, d), rand(b, h, n, d)
+    qg, kg, vg = rand(b, h, g, d), rand(b, h, g, d), rand(b, h, g, d)
+    zeros = torch.zeros(h, 9, dtype=torch.float64)
+    long_out, glob_out = etc_attention(ql, kl, vl, qg, kg, vg, n, 4, zeros, zeros)
+    q, k, v = (torch.cat(p, dim=2) for p in ((qg, ql), (kg, kl), (vg, vl)))
+    full = naive_attention(q, k, v)
+    assert max_abs_diff(long_out, full[:, :, g:]) < 1e-12
+    assert max_abs_diff(glob_out, full[:, :, :g]) < 1e-12
+
+
+def test_relative_labels_are_clipped():
+    from efficient_transformers.functional.global_local import relative_bias
+    table = torch.arange(7.0)[None]                              # max distance 3
+    bias = relative_bias(table, 8, 8)[0]
+    assert bias[0, 0] == 3 and bias[0, 1] == 4 and bias[0, 7] == 6 and bias[7, 0] == 0
+
+
+def test_layer_global_inputs_and_outputs():
+    attn = small_attention("etc")
+    b, n = 2, 19
+    x = torch.randn(b, n, 16, dtype=torch.float64)
+    y = attn(x)
+    assert y.shape == (b, n, 16) and attn.global_states.shape == (b, 3, 16)
+    long_out, glob = attn.forward_with_globals(x)
+    assert torch.equal(long_out, y) and torch.equal(glob, attn.global_states)
+    # the caller's global tokens and token-to-global mapping
+    tokens = torch.randn(b, 5, 16, dtype=torch.float64)
+    seg = torch.arange(n).div(4, rounding_mode="floor").expand(b, n)
+    y2 = attn(x, global_tokens=tokens, segment_ids=seg)
+    assert y2.shape == (b, n, 16) and attn.global_states.shape == (b, 5, 16)
+    # g2l is hard-masked: global token 0 only reads the long tokens of segment 0
+    x2 = x.clone()
+    x2[:, 4:] += torch.randn(b, n - 4, 16, dtype=torch.float64)
+    attn(x2, global_tokens=tokens, segment_ids=seg)
+    before = attn.forward_with_globals(x, global_tokens=tokens, segment_ids=seg)[1]
+    after = attn.forward_with_globals(x2, global_tokens=tokens, segment_ids=seg)[1]
+    assert max_abs_diff(before[:, 0], after[:, 0]) < 1e-12
+    assert max_abs_diff(before[:, 1], after[:, 1]) > 1e-6
+
+
+def test_bad_global_inputs_are_refused():
+    attn = small_attention("etc")
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="global_tokens"):
+        attn(x, global_tokens=torch.randn(2, 3, 15, dtype=torch.float64))
+    with pytest.raises(TypeError, match="global_tokens"):
+        attn(x, global_tokens=torch.ones(2, 3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="segment_ids"):
+        attn(x, segment_ids=torch.full((2, 9), 3))            # 3 learned global tokens: 0..2
+    with pytest.raises(ValueError, match="segment_ids"):
+        attn(x, segment_ids=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="segment_ids"):
+        attn(x, segment_ids=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="causal"):
+        et.build_attention("etc", dim=16, heads=2, causal=True)
+
+
+def test_model_trains(one_thread):
+    torch.manual_seed(0)
+    model = et.build_model("etc", task="classify", vocab_size=13, dim=16, depth=2, heads=2,
+                           max_len=40, window=3, num_global=2, max_distance=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 13, (4, 33))
+    labels = tokens[:, 0] % 2
+    losses = []
+    for _ in range(6):
+        loss = model(tokens, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -1,0 +1,114 @@
+"""The FlexAttention path (compiled forward on CPU) against the CPU block path."""
+
+import time
+
+import pytest
+import torch
+
+from efficient_transformers.functional import flex
+from efficient_transformers.functional.patterns import ImageLocal1D, pattern_attention
+from helpers import max_abs_diff, random_mask, small_attention
+
+needs_flex = pytest.mark.skipif(not flex.flex_available(), reason="FlexAttention is not importable")
+
+
+@pytest.fixture
+def forced_flex():
+    old = flex.FORCE_FLEX
+    flex.FORCE_FLEX = True
+    yield
+    flex.FORCE_FLEX = old
+
+
+def test_use_flex_choice():
+    q = torch.randn(1, 1, 4, 8)
+    assert not flex.use_flex(q)                         # CPU: the block path
+    old = flex.FORCE_FLEX
+    try:
+        flex.FORCE_FLEX = True
+        assert flex.use_flex(q) == flex.flex_available()
+        assert not flex.use_flex(q.double())            # FlexAttention has no float64 path
+        flex.FORCE_FLEX = False
+        assert not flex.use_flex(q)
+    finally:
+        flex.FORCE_FLEX = old
+
+
+def check_flex_equals_block_path(compiled):
+    n, block = 70, 8
+    pattern = ImageLocal1D(block, 12, causal=True)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(3))
+    mask = random_mask(2, n, generator=gen)
+    start = time.perf_counter()
+    out = flex.flex_pattern_attention(q, k, v, pattern, mask, block_size=32, compiled=compiled)
+    assert time.perf_counter() - start < 300, "compile took too long"
+    ref = pattern_attention(q, k, v, pattern, block, mask)
+    real = mask[:, None, :, None].expand_as(out)
+    assert max_abs_diff(out[real], ref[real]) < 1e-5
+    assert flex.pattern_block_mask(pattern, n, q.device, block_size=32) is \
+        flex.pattern_block_mask(pattern, n, q.device, block_size=32)       # cached without padding
+
+
+@needs_flex
+def test_flex_block_mask_equals_block_path_eager():
+    """The BlockMask and mask_mod built from the pattern, through FlexAttention's eager reference."""
+    check_flex_equals_block_path(compiled=False)
+
+
+@needs_flex
+@pytest.mark.slow
+def test_compiled_flex_forward_equals_block_path_with_padding():
+    """The compiled kernel on CPU (about 40 s of compile on 2 busy cores)."""
+    check_flex_equals_block_path(compiled=True)
+
+
+@needs_flex
+@pytest.mark.slow
+@pytest.mark.parametrize("name,options", [
+    ("image_transformer", {}),                                               # 2-D small_options
+    ("sparse_transformer", {"pattern": "fixed", "combine": "split"}),
+    ("sparse_transformer", {"pattern": "strided"}),
+    ("axial_transformer", {}),
+    ("memory_compressed", {"kind": "local"}),
+])
+def test_mechanisms_through_flex_equal_the_cpu_path(name, options, forced_flex):
+    attn = small_attention(name, causal=True, dtype=torch.float32, **options)
+    x = torch.randn(2, 37, 16)
+    mask = random_mask(2, 37)
+    with torch.no_grad():
+        fast = attn(x, mask)
+        flex.FORCE_FLEX = False
+        ref = attn(x, mask)
+    assert max_abs_diff(fast[mask], ref[mask]) < 1e-5
+
+
+GPU_CASES = [("image_transformer", {"mode": "1d", "shape": None, "block_size": 32, "window": 48}),
+             ("image_transformer", {"mode": "2d", "shape": (20, 16), "query_shape": (4, 8),
+                                    "memory_flange": (4, 8)}),
+             ("sparse_transformer", {"pattern": "strided", "stride": 16}),
+             ("sparse_transformer", {"pattern": "fixed", "stride": 16, "combine": "split"}),
+             ("axial_transformer", {"shape": (20, 16)}),
+             ("memory_compressed", {"kind": "local", "block_size": 32})]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name,options", GPU_CASES, ids=lambda c: str(c))
+def test_cuda_flex_path_equals_block_path_with_gradients(name, options, causal):
+    attn = small_attention(name, causal=causal, dtype=torch.float32, dim=64, heads=4, **options).cuda()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 64, generator=gen).cuda().requires_grad_()
+    mask = random_mask(2, 300, generator=gen).cuda()
+    results = []
+    for forced in (None, False):                   # None: CUDA picks FlexAttention
+        old, flex.FORCE_FLEX = flex.FORCE_FLEX, forced
+        try:
+            y = attn(x, mask)
+            (grad,) = torch.autograd.grad((y * mask[..., None]).square().sum(), x)
+        finally:
+            flex.FORCE_FLEX = old
+        results.append((y[mask], grad))
+    assert max_abs_diff(results[0][0], results[1][0]) < 2e-4
+    assert max_abs_diff(results[0][1], results[1][1]) < 2e-3 * results[1][1].abs().max().item() + 1e-4

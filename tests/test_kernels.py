@@ -1,0 +1,151 @@
+"""Linear attention: parallel, chunked causal and recurrent forms against the naive definition
+(values and gradients, float64), state continuation, and the memory the chunked form promises."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from efficient_transformers.functional.dense import causal_allowed, padding_allowed
+from efficient_transformers.functional.kernels import (
+    causal_linear_attention, elu_feature_map, linear_attention, mask_features,
+    naive_linear_attention, orthogonal_gaussian, recurrent_linear_attention, relu_feature_map,
+    softmax_feature_map,
+)
+from helpers import max_abs_diff, random_mask
+
+B, H, N, M, D = 2, 3, 23, 7, 5
+
+
+def inputs(padded: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    phi_q = elu_feature_map(torch.randn(B, H, N, M, dtype=torch.float64, generator=gen))
+    phi_k = elu_feature_map(torch.randn(B, H, N, M, dtype=torch.float64, generator=gen))
+    v = torch.randn(B, H, N, D, dtype=torch.float64, generator=gen)
+    mask = random_mask(B, N, generator=gen) if padded else None
+    return [t.requires_grad_() for t in (phi_q, phi_k, v)], mask
+
+
+def grads(out, tensors, seed=1):
+    upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, tensors, upstream, retain_graph=True)
+
+
+def assert_same(a, b, tensors, tol=1e-12):
+    assert max_abs_diff(a, b) < tol
+    for ga, gb in zip(grads(a, tensors), grads(b, tensors)):
+        assert max_abs_diff(ga, gb) < tol
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_parallel_form_equals_oracle(padded):
+    (q, k, v), mask = inputs(padded)
+    fast = linear_attention(q, mask_features(k, mask), v)
+    allowed = None if mask is None else padding_allowed(mask)
+    assert_same(fast, naive_linear_attention(q, k, v, allowed), (q, k, v))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 8, 64])
+def test_chunked_causal_equals_oracle_and_recurrent(padded, chunk):
+    (q, k, v), mask = inputs(padded, seed=chunk)
+    km = mask_features(k, mask)
+    fast = causal_linear_attention(q, km, v, chunk_size=chunk)
+    allowed = causal_allowed(N, N)
+    if mask is not None:
+        allowed = allowed & padding_allowed(mask)
+    assert_same(fast, naive_linear_attention(q, k, v, allowed), (q, k, v))
+    recurrent, _ = recurrent_linear_attention(q, km, v)
+    assert_same(fast, recurrent, (q, k, v))
+
+
+def test_chunked_form_continues_from_a_state():
+    (q, k, v), _ = inputs(False, seed=5)
+    full, full_state = causal_linear_attention(q, k, v, chunk_size=4, return_state=True)
+    cut = 10
+    first, state = causal_linear_attention(q[..., :cut, :], k[..., :cut, :], v[..., :cut, :],
+                                           chunk_size=8, return_state=True)
+    second, state = causal_linear_attention(q[..., cut:, :], k[..., cut:, :], v[..., cut:, :],
+                                            chunk_size=3, state=state, return_state=True)
+    assert max_abs_diff(torch.cat([first, second], dim=-2), full) < 1e-12
+    assert max_abs_diff(state, full_state) < 1e-12
+    _, rnn_state = recurrent_linear_attention(q, k, v)
+    assert rnn_state.shape == (B, H, M, D + 1)
+    assert max_abs_diff(rnn_state, full_state) < 1e-10
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_form_never_builds_an_n_by_m_by_d_tensor():
+    n, m, d, chunk = 1024, 32, 32, 64
+    q = elu_feature_map(torch.randn(1, 1, n, m)).requires_grad_()
+    k = elu_feature_map(torch.randn(1, 1, n, m)).requires_grad_()
+    v = torch.randn(1, 1, n, d, requires_grad=True)
+    with LargestTensor() as spy:
+        causal_linear_attention(q, k, v, chunk_size=chunk).sum().backward()
+    # inputs are N·m; the chunk products N·C; the per-chunk states N/C·m·(d+1)
+    assert spy.largest <= max(n * m, n * chunk, n // chunk * m * (d + 1)) < n * m * d
+
+
+def test_orthogonal_features_are_orthogonal_within_blocks_and_seeded():
+    torch.manual_seed(3)
+    omega = orthogonal_gaussian(20, 8, dtype=torch.float64)
+    block = omega[:8]
+    gram = block @ block.T
+    assert max_abs_diff(gram - torch.diag(torch.diagonal(gram)), torch.zeros(8, 8)) < 1e-5
+    torch.manual_seed(3)
+    assert torch.equal(orthogonal_gaussian(20, 8, dtype=torch.float64), omega)
+
+
+def test_favor_features_estimate_the_softmax_kernel():
+    # E[φ(q)·φ(k)] = exp(qᵀk/√d) (Lemma 1), up to the stabilising constants, which cancel in the
+    # ratio φ(q)·φ(k) / φ(q)·φ(k'): compare ratios of kernel values with many features
+    torch.manual_seed(0)
+    d = 4
+    x = torch.randn(1, 1, 3, d, dtype=torch.float64) * 0.5
+    omega = orthogonal_gaussian(100_000, d, dtype=torch.float64)
+    phi_q = softmax_feature_map(x[..., :1, :], omega, is_query=True)
+    phi_k = softmax_feature_map(x[..., 1:, :], omega, is_query=False)
+    est = (phi_q @ phi_k.transpose(-1, -2)).flatten()
+    exact = torch.exp(x[..., :1, :] @ x[..., 1:, :].transpose(-1, -2) / d ** 0.5).flatten()
+    assert abs(est[0] / est[1] - exact[0] / exact[1]) < 0.02
+
+
+def test_causal_key_features_do_not_depend_on_later_keys():
+    torch.manual_seed(0)
+    omega = orthogonal_gaussian(16, 8, dtype=torch.float64)
+    k = torch.randn(1, 2, 10, 8, dtype=torch.float64)
+    k2 = k.clone()
+    k2[..., 6:, :] *= 50  # far larger later keys
+    a = softmax_feature_map(k, omega, is_query=False, causal=True)
+    b = softmax_feature_map(k2, omega, is_query=False, causal=True)
+    assert torch.equal(a[..., :6, :], b[..., :6, :])
+    assert torch.isfinite(b).all() and (b <= 16 ** -0.5 + 1e-12).all()  # the bound: no overflow
+
+
+def test_padded_keys_have_zero_features_and_gradients():
+    torch.manual_seed(0)
+    omega = orthogonal_gaussian(16, 8, dtype=torch.float32)
+    k = (torch.randn(2, 1, 9, 8) * 40).requires_grad_()  # padded values would overflow exp
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[:, 4:] = False
+    phi = softmax_feature_map(k, omega, is_query=False, key_mask=mask)
+    assert (phi[..., 4:, :] == 0).all() and torch.isfinite(phi).all()
+    phi.sum().backward()
+    assert torch.isfinite(k.grad).all() and (k.grad[..., 4:, :] == 0).all()
+
+
+def test_relu_features_are_positive():
+    torch.manual_seed(0)
+    phi = relu_feature_map(torch.randn(1, 1, 5, 8), orthogonal_gaussian(16, 8))
+    assert (phi > 0).all()

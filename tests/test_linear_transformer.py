@@ -1,0 +1,79 @@
+"""linear_transformer: the layer against the naive definition, decode state, a model that trains."""
+
+import pytest
+import torch
+
+import efficient_transformers as et
+from efficient_transformers.functional.dense import dense_allowed
+from efficient_transformers.functional.kernels import naive_linear_attention
+from helpers import DIM, max_abs_diff, random_mask, small_attention
+
+N = 29
+
+
+def oracle(attn, x, mask):
+    """The definition computed naively from the layer's own projections and feature map."""
+    q, k, v = attn.qkv(x)
+    phi_q, phi_k = attn.feature_maps(q, k, mask)
+    out = naive_linear_attention(phi_q, phi_k, v, dense_allowed(x.shape[1], attn.causal, mask))
+    return attn.to_out(attn.merge_heads(out))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_equals_oracle_values_and_gradients(causal, padded):
+    attn = small_attention("linear_transformer", causal=causal, chunk_size=4)
+    x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, N) if padded else None
+    fast, slow = attn(x, mask), oracle(attn, x, mask)
+    assert max_abs_diff(fast, slow) < 1e-12
+    up = torch.randn_like(fast)
+    params = [x] + list(attn.parameters())
+    for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
+        assert max_abs_diff(a, b) < 1e-11
+
+
+def test_decode_state_does_not_grow():
+    attn = small_attention("linear_transformer", causal=True)
+    x = torch.randn(1, 40, DIM, dtype=torch.float64)
+    y, state = attn.decode(x[:, :5])
+    size = et.state_nbytes(state)
+    outs = [y]
+    for i in range(5, 40):
+        y, state = attn.decode(x[:, i:i + 1], state)
+        outs.append(y)
+        assert et.state_nbytes(state) == size
+    assert state["length"] == 40
+    assert max_abs_diff(torch.cat(outs, dim=1), attn(x)) < 1e-10
+
+
+def test_half_precision_long_sequence_is_finite():
+    # the normaliser sums N positive terms: it would overflow fp16 without the fp32 compute
+    attn = small_attention("linear_transformer", causal=True, dtype=torch.float16)
+    x = (torch.randn(1, 4096, DIM) * 8).half()
+    assert torch.isfinite(attn(x)).all()
+    attn.causal = False
+    assert torch.isfinite(attn(x)).all()
+
+
+def test_chunk_size_is_validated():
+    with pytest.raises(ValueError, match="chunk_size"):
+        et.build_attention("linear_transformer", dim=DIM, heads=2, chunk_size=0)
+
+
+def test_language_model_trains():
+    torch.manual_seed(0)
+    model = et.build_model("linear_transformer", task="lm", vocab_size=17, dim=32, depth=2,
+                           heads=2, max_len=64)
+    tokens = torch.randint(0, 17, (2, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(tokens, labels=tokens).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    out = model.generate(tokens[:, :5], max_new_tokens=4, temperature=0)
+    assert out.shape == (2, 9)

@@ -1,0 +1,165 @@
+"""Reformer LSH attention: the chunked fast path against the dense definition, and its rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import efficient_transformers as et
+from efficient_transformers.functional.dense import naive_attention
+from efficient_transformers.functional.lsh import (
+    causal_allowed_rounds, chunked_allowed_rounds, lsh_attention, lsh_buckets,
+    naive_lsh_attention, random_rotations, union_with_self,
+)
+from helpers import max_abs_diff, random_mask, small_attention
+
+
+def inputs(b=2, h=3, n=24, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qk = torch.randn(b, h, n, d, dtype=torch.float64, generator=gen).requires_grad_()
+    v = torch.randn(b, h, n, d, dtype=torch.float64, generator=gen).requires_grad_()
+    return qk, v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("n,chunk,n_buckets,rounds", [
+    (24, 4, 4, 1), (24, 4, 4, 3), (30, 3, 6, 2), (32, 8, 2, 4), (16, 16, 1, 2), (40, 5, 8, 3)])
+def test_fast_path_equals_definition(causal, padded, n, chunk, n_buckets, rounds):
+    qk, v = inputs(n=n, seed=n + rounds)
+    gen = torch.Generator().manual_seed(1)
+    rot = random_rotations(3, rounds, 8, n_buckets, gen, dtype=torch.float64)
+    mask = random_mask(2, n, generator=gen) if padded else None
+    buckets = lsh_buckets(qk, rot, n_buckets, mask)
+    fast = lsh_attention(qk, v, buckets, chunk, causal)
+    slow = naive_lsh_attention(qk, v, buckets, chunk, causal)
+    real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
+    sel = real[:, None, :, None].expand_as(fast)  # padded queries' outputs are not meaningful
+    assert max_abs_diff(fast[sel], slow[sel]) < 1e-12
+    grad = torch.randn_like(fast) * sel
+    for a, b in zip(torch.autograd.grad(fast, (qk, v), grad), torch.autograd.grad(slow, (qk, v), grad)):
+        assert max_abs_diff(a, b) < 1e-12
+
+
+def test_non_causal_sets_follow_the_sorted_chunks():
+    # one round, chunk 2; sorted by (bucket, position): [1 3] [0 2] [4 5]
+    buckets = torch.tensor([1, 0, 1, 0, 1, 1]).view(1, 1, 1, 6)
+    sets = chunked_allowed_rounds(buckets, 2)[0, 0, 0]
+    expected = {0: {2}, 1: {3}, 2: {0}, 3: {1}, 4: {0, 2, 5}, 5: {0, 2, 4}}
+    for i, keys in expected.items():
+        assert set(sets[i].nonzero().flatten().tolist()) == keys, i
+
+
+def test_causal_sets_are_the_most_recent_of_the_bucket():
+    buckets = torch.tensor([0, 0, 1, 0, 0, 1]).view(1, 1, 1, 6)
+    sets = union_with_self(causal_allowed_rounds(buckets, buckets, 2))[0, 0]
+    expected = {0: {0}, 1: {0}, 2: {2}, 3: {0, 1}, 4: {1, 3}, 5: {2}}  # nothing earlier: itself
+    for i, keys in expected.items():
+        assert set(sets[i].nonzero().flatten().tolist()) == keys, i
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_repeated_rounds_count_each_pair_once(causal):
+    qk, v = inputs(n=32)
+    rot = random_rotations(3, 1, 8, 4, torch.Generator().manual_seed(2), dtype=torch.float64)
+    one = lsh_buckets(qk, rot, 4)
+    three = one.repeat(1, 1, 3, 1)  # the same hash three times: the union is one round's set
+    assert max_abs_diff(lsh_attention(qk, v, three, 4, causal), lsh_attention(qk, v, one, 4, causal)) < 1e-12
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_bucket_one_round_is_dense_shared_qk(causal):
+    torch.manual_seed(0)
+    n = 13
+    attn = et.build_attention("reformer", dim=16, heads=2, causal=causal, bucket_size=16,
+                              n_hashes=1, n_buckets=1).double().eval()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    q = attn.split_heads(attn.to_qk(x))
+    v = attn.split_heads(attn.to_v(x))
+    eye = torch.eye(n, dtype=torch.bool)
+    allowed = torch.ones(n, n, dtype=torch.bool).tril(-1) if causal else ~eye
+    allowed = allowed | (eye & ~allowed.any(-1, keepdim=True))  # the first token sees itself
+    dense = naive_attention(q, F.normalize(q, dim=-1), v, allowed, 1 / math.sqrt(8))
+    assert max_abs_diff(attn(x), attn.to_out(attn.merge_heads(dense))) < 1e-12
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_equals_oracle_at_any_length_with_padding(causal):
+    n = 23  # not a multiple of bucket_size: padded inside the layer
+    attn = small_attention("reformer", causal=causal, n_buckets=None, bucket_size=4, n_hashes=3)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, n, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = random_mask(2, n, generator=gen)
+    fast = attn(x, mask)
+    # the oracle on the same padded buckets
+    qk = attn.split_heads(attn.to_qk(x))
+    v = attn.split_heads(attn.to_v(x))
+    buckets = attn.hash(qk, attn.buckets_for(24), mask)
+    slow = attn.to_out(attn.merge_heads(naive_lsh_attention(qk, v, buckets, 4, causal)))
+    assert max_abs_diff(fast[mask], slow[mask]) < 1e-12
+    grad = torch.randn_like(fast) * mask[..., None]
+    ga = torch.autograd.grad(fast, [x] + list(attn.parameters()), grad, allow_unused=True)
+    gb = torch.autograd.grad(slow, [x] + list(attn.parameters()), grad, allow_unused=True)
+    for a, b in zip(ga, gb):
+        assert max_abs_diff(a, b) < 1e-12
+
+
+def test_bucket_count_follows_the_length_and_is_fixed_when_causal():
+    attn = et.build_attention("reformer", dim=16, heads=2, bucket_size=8)
+    assert [attn.buckets_for(p) for p in (8, 16, 24, 64)] == [1, 2, 4, 8]  # odd rounded up to even
+    causal = et.build_attention("reformer", dim=16, heads=2, bucket_size=8, causal=True)
+    assert causal.buckets_for(8) == causal.buckets_for(4096)
+
+
+def test_hash_ids_and_padding_bucket():
+    qk, _ = inputs(n=20)
+    rot = random_rotations(3, 2, 8, 6, torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = random_mask(2, 20)
+    b = lsh_buckets(qk, rot, 6, mask)
+    assert b.shape == (2, 3, 2, 20)
+    assert (b[mask[:, None, None, :].expand_as(b)] < 6).all()
+    assert (b[~mask[:, None, None, :].expand_as(b)] == 6).all()
+    assert len(b[mask[:, None, None, :].expand_as(b)].unique()) > 2
+
+
+def test_rotations_are_fixed_per_layer_saved_and_redrawn_only_on_request():
+    torch.manual_seed(0)
+    a = et.build_attention("reformer", dim=16, heads=2, bucket_size=4, n_hashes=2).double()
+    x = torch.randn(1, 32, 16, dtype=torch.float64)
+    assert torch.equal(a.train()(x), a(x))  # fixed rotations: training forward is deterministic
+    torch.manual_seed(1)
+    b = et.build_attention("reformer", dim=16, heads=2, bucket_size=4, n_hashes=2).double()
+    b.load_state_dict(a.state_dict())  # the seed travels with the weights
+    assert torch.equal(a(x), b(x))
+    r = et.build_attention("reformer", dim=16, heads=2, bucket_size=4, n_hashes=2, redraw=True)
+    r = r.double()
+    assert not torch.equal(r.train()(x), r(x))
+    assert torch.equal(r.eval()(x), r(x))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="n_buckets"):
+        et.build_attention("reformer", dim=16, heads=2, n_buckets=3)
+    with pytest.raises(ValueError, match="bucket_size"):
+        et.build_attention("reformer", dim=16, heads=2, bucket_size=0)
+    with pytest.raises(ValueError, match="n_hashes"):
+        et.build_attention("reformer", dim=16, heads=2, n_hashes=0)
+    with pytest.raises(ValueError, match="redraw"):
+        et.build_attention("reformer", dim=16, heads=2, redraw=1)
+
+
+def test_decode_with_a_long_prompt_matches_forward():
+    from efficient_transformers.attention import reformer
+    attn = small_attention("reformer", causal=True)
+    x = torch.randn(1, 40, 16, dtype=torch.float64)
+    old = reformer.DECODE_QUERY_BLOCK
+    reformer.DECODE_QUERY_BLOCK = 7  # several query blocks inside one decode call
+    try:
+        y, state = attn.decode(x[:, :5])  # the prompt: the chunked causal path
+        y2, _ = attn.decode(x[:, 5:], state)  # 35 tokens in blocks of 7 against the cache
+    finally:
+        reformer.DECODE_QUERY_BLOCK = old
+    assert max_abs_diff(torch.cat([y, y2], 1), attn(x)) < 1e-10
