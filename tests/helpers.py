@@ -30,3 +30,33 @@ def random_mask(batch: int, n: int, generator=None) -> torch.Tensor:
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def train_losses(model, tokens, labels, steps: int = 6, lr: float = 3e-3,
+                 optimizer=torch.optim.AdamW) -> list[float]:
+    """`steps` optimizer steps on one batch; the loss before each step."""
+    opt = optimizer(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(tokens, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_values_and_gradients_match(fast, slow, params, real=None, tol=1e-10, grad_tol=None):
+    """`fast` equals `slow` at the `real` positions (a bool tensor broadcastable to their shape;
+    None: everywhere), and so do their gradients w.r.t. `params` under one random upstream
+    gradient that is zero off the real positions. `grad_tol` defaults to `tol`."""
+    if real is None:
+        assert max_abs_diff(fast, slow) < tol
+        up = torch.randn_like(fast)
+    else:
+        sel = real.expand_as(fast)
+        assert max_abs_diff(fast[sel], slow[sel]) < tol
+        up = torch.randn_like(fast) * sel
+    grad_tol = tol if grad_tol is None else grad_tol
+    for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
+        assert max_abs_diff(a, b) < grad_tol

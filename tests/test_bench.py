@@ -30,7 +30,7 @@ def two_mechanisms() -> list[str]:
 def test_harness_runs_and_writes_every_file(tmp_path):
     models = two_mechanisms()
     cfg = BenchConfig(models=models, modes=("fwd", "fwdbwd", "decode"), out=str(tmp_path),
-                      isolate=False, **TINY)
+                      **TINY)  # isolated: memory is a fresh process's peak
     results = run_bench(cfg)
     for name in ("bench.json", "bench.csv", "bench.md", "bench_time_fwdbwd.png",
                  "bench_memory_fwdbwd.png", "bench_time_fwd.png", "bench_decode.png"):

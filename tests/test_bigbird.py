@@ -10,7 +10,7 @@ import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.global_local import BigBirdPattern, bigbird_attention
 from efficient_transformers.functional.patterns import dense_pattern_mask
-from helpers import max_abs_diff, random_mask, small_attention
+from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 
 @pytest.fixture
@@ -83,12 +83,7 @@ def test_blocked_path_equals_oracle(padded, n, block, r, g):
         allowed = allowed & key_mask[:, None, None, :]
     slow = naive_attention(q, k, v, allowed)
     real = torch.ones(b, n, dtype=torch.bool) if key_mask is None else key_mask
-    sel = real[:, None, :, None].expand_as(fast)
-    assert max_abs_diff(fast[sel], slow[sel]) < 1e-12
-    grad = torch.randn_like(fast) * sel
-    for a, c in zip(torch.autograd.grad(fast, (q, k, v), grad),
-                    torch.autograd.grad(slow, (q, k, v), grad)):
-        assert max_abs_diff(a, c) < 1e-12
+    assert_values_and_gradients_match(fast, slow, (q, k, v), real[:, None, :, None], tol=1e-12)
 
 
 @pytest.mark.parametrize("n,block,r,g", [(16, 4, 2, 0), (20, 32, 1, 1), (30, 5, 3, 1), (12, 4, 0, 3)])
@@ -115,16 +110,9 @@ def test_model_trains(one_thread):
     torch.manual_seed(0)
     model = et.build_model("bigbird", task="classify", vocab_size=13, dim=16, depth=2, heads=2,
                            max_len=40, block_size=4, num_random_blocks=2, num_global=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens = torch.randint(0, 13, (4, 33))
     labels = tokens[:, 0] % 2
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, labels, lr=1e-2)
     assert losses[-1] < losses[0]
 
 

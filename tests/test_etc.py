@@ -12,7 +12,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import masked_softmax, naive_attention
 from efficient_transformers.functional.global_local import etc_attention, etc_dense_bias
-from helpers import max_abs_diff, random_mask, small_attention
+from helpers import max_abs_diff, random_mask, small_attention, train_losses
 
 
 @pytest.fixture
@@ -126,14 +126,7 @@ def test_model_trains(one_thread):
     torch.manual_seed(0)
     model = et.build_model("etc", task="classify", vocab_size=13, dim=16, depth=2, heads=2,
                            max_len=40, window=3, num_global=2, max_distance=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens = torch.randint(0, 13, (4, 33))
     labels = tokens[:, 0] % 2
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, labels, lr=1e-2)
     assert losses[-1] < losses[0]

@@ -6,7 +6,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import dense_allowed
 from efficient_transformers.functional.kernels import naive_linear_attention
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 29
 
@@ -26,11 +26,7 @@ def test_layer_equals_oracle_values_and_gradients(causal, padded):
     x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
     mask = random_mask(2, N) if padded else None
     fast, slow = attn(x, mask), oracle(attn, x, mask)
-    assert max_abs_diff(fast, slow) < 1e-12
-    up = torch.randn_like(fast)
-    params = [x] + list(attn.parameters())
-    for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
-        assert max_abs_diff(a, b) < 1e-11
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12, grad_tol=1e-11)
 
 
 def test_decode_state_does_not_grow():
@@ -66,14 +62,7 @@ def test_language_model_trains():
     model = et.build_model("linear_transformer", task="lm", vocab_size=17, dim=32, depth=2,
                            heads=2, max_len=64)
     tokens = torch.randint(0, 17, (2, 16))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=tokens).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, tokens)
     assert losses[-1] < losses[0]
     out = model.generate(tokens[:, :5], max_new_tokens=4, temperature=0)
     assert out.shape == (2, 9)

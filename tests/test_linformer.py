@@ -6,7 +6,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.attention.linformer import LinformerAttention
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 29
 
@@ -32,11 +32,7 @@ def test_layer_equals_oracle_values_and_gradients(sharing, padded):
     x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
     mask = random_mask(2, N) if padded else None
     fast, slow = attn(x, mask), oracle(attn, x, mask)
-    assert max_abs_diff(fast, slow) < 1e-12
-    up = torch.randn_like(fast)
-    params = [x] + list(attn.parameters())
-    for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
-        assert max_abs_diff(a, b) < 1e-12
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12)
     # shorter inputs use the leading columns only: later columns get no gradient
     grad_e = torch.autograd.grad(attn(x, mask).sum(), attn.proj_k)[0]
     assert (grad_e[..., N:] == 0).all() and grad_e[..., :N].abs().sum() > 0
@@ -90,12 +86,5 @@ def test_classifier_trains():
                            depth=2, heads=2, max_len=32, k=8)
     tokens = torch.randint(0, 17, (8, 20))
     labels = torch.randint(0, 3, (8,))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, labels)
     assert losses[-1] < losses[0]

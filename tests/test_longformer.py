@@ -14,7 +14,7 @@ from efficient_transformers.functional.global_local import (
     longformer_dense_allowed, take_rows,
 )
 from efficient_transformers.functional.patterns import dense_pattern_mask
-from helpers import max_abs_diff, random_mask, small_attention
+from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 
 @pytest.fixture
@@ -83,12 +83,7 @@ def test_blocked_path_equals_oracle(causal, padded, window, dilations, block):
                                 dilations, causal, key_mask, block)
     slow = oracle(qs, ks, vs, qg, kg, vg, is_global, window, dilations, causal, key_mask)
     real = torch.ones(b, n, dtype=torch.bool) if key_mask is None else key_mask
-    sel = real[:, None, :, None].expand_as(fast)
-    assert max_abs_diff(fast[sel], slow[sel]) < 1e-12
-    grad = torch.randn_like(fast) * sel
-    inputs = (qs, ks, vs, qg, kg, vg)
-    for a, c in zip(torch.autograd.grad(fast, inputs, grad), torch.autograd.grad(slow, inputs, grad)):
-        assert max_abs_diff(a, c) < 1e-12
+    assert_values_and_gradients_match(fast, slow, (qs, ks, vs, qg, kg, vg), real[:, None, :, None], tol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -168,16 +163,9 @@ def test_model_trains(task, one_thread):
     torch.manual_seed(0)
     model = et.build_model("longformer", task=task, vocab_size=13, dim=16, depth=2, heads=2,
                            max_len=24, window=4, dilation=[1, 2], num_global=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens = torch.randint(0, 13, (4, 21))
     labels = tokens if task == "lm" else tokens[:, 0] % 2
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, labels, lr=1e-2)
     assert losses[-1] < losses[0]
     if task == "lm":
         out = model.generate(tokens[:, :5], max_new_tokens=6, temperature=0)

@@ -14,7 +14,7 @@ from efficient_transformers.functional.patterns import (
     Axial, BlockLocal, Fixed, ImageLocal1D, ImageLocal2D, LocalWindow, Strided, dense_pattern_mask,
     image2d_attention, pattern_attention, pattern_attention_with_lse,
 )
-from helpers import max_abs_diff, random_mask
+from helpers import max_abs_diff, random_mask, train_losses
 
 
 def check_oracle(fast, allowed, n, padded, heads=2, d=8, tol=1e-10, seed=0):
@@ -193,14 +193,7 @@ def check_decode(attn, n=37, dim=16, seed=0):
 
 def train_steps(model, tokens, steps=4, lr=3e-3, **forward):
     """A few AdamW steps on one batch: the loss must go down and stay finite."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(tokens, labels=forward.get("labels", tokens)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, forward.get("labels", tokens), steps=steps, lr=lr)
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
 
 

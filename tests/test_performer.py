@@ -10,7 +10,7 @@ from efficient_transformers.functional.kernels import (
     causal_linear_attention, linear_attention, naive_linear_attention, orthogonal_gaussian,
     softmax_feature_map,
 )
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 29
 
@@ -30,11 +30,7 @@ def test_layer_equals_oracle_values_and_gradients(kernel, causal, padded):
     x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
     mask = random_mask(2, N) if padded else None
     fast, slow = attn(x, mask), oracle(attn, x, mask)
-    assert max_abs_diff(fast, slow) < 1e-12
-    up = torch.randn_like(fast)
-    params = [x] + [p for p in attn.parameters()]
-    for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
-        assert max_abs_diff(a, b) < 1e-11
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12, grad_tol=1e-11)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -150,12 +146,5 @@ def test_language_model_trains():
     model = et.build_model("performer", task="lm", vocab_size=17, dim=16, depth=1, heads=2,
                            max_len=64, features=32)
     tokens = torch.randint(0, 17, (2, 16))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=tokens).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, tokens)
     assert losses[-1] < losses[0]

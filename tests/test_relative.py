@@ -18,7 +18,7 @@ from efficient_transformers.functional.dense import masked_softmax
 from efficient_transformers.functional.relative import (
     naive_relative_scores, relative_scores, relative_shift, shift_distances, sinusoid_relative,
 )
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -117,10 +117,7 @@ def test_relative_shift_equals_naive_scores(rows, keys, d_top):
     # row a, key t at distance d_top - (rows - 1 - a) - t: query position a + (d_top - rows + 1)
     q_pos = torch.arange(rows) + d_top - rows + 1
     slow = naive_relative_scores(q, k, u, v, q_pos, torch.arange(keys), embed)
-    assert max_abs_diff(fast, slow) < 1e-12
-    g = torch.randn_like(fast)
-    for a, b in zip(torch.autograd.grad(fast, (q, k, proj), g), torch.autograd.grad(slow, (q, k, proj), g)):
-        assert max_abs_diff(a, b) < 1e-12
+    assert_values_and_gradients_match(fast, slow, (q, k, proj), tol=1e-12)
 
 
 def test_relative_shift_is_a_skew():
@@ -158,8 +155,5 @@ def test_layer_equals_segment_by_segment_reference(name, options, causal):
     mask = random_mask(2, 29, generator=torch.Generator().manual_seed(1))
     fast = attn(x, mask)
     slow, _, _ = naive_recurrent_layer(attn, x, mask)
-    assert max_abs_diff(fast[mask], slow[mask]) < 1e-10
-    g = torch.randn_like(fast) * mask[..., None]
     params = [attn.to_qkv.weight, attn.to_r.weight, attn.u, attn.v]
-    for a, b in zip(torch.autograd.grad(fast, [x] + params, g), torch.autograd.grad(slow, [x] + params, g)):
-        assert max_abs_diff(a, b) < 1e-10
+    assert_values_and_gradients_match(fast, slow, [x] + params, mask[..., None], tol=1e-10)

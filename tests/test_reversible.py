@@ -7,7 +7,7 @@ import torch
 
 import efficient_transformers as et
 from efficient_transformers.models.reversible import ChunkedFeedForward, ReversibleBlock
-from helpers import max_abs_diff
+from helpers import max_abs_diff, train_losses
 
 SMALL = dict(vocab_size=40, dim=16, heads=2, max_len=48, bucket_size=4, n_hashes=2, n_buckets=4)
 
@@ -104,14 +104,7 @@ def test_tasks_train_save_and_load(task, tmp_path):
     shape = (4, 2, n) if task == "match" else (4, n)
     tokens = torch.randint(0, 40, shape, generator=gen)
     labels = tokens if task == "lm" else torch.tensor([0, 1, 0, 1])
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = m(tokens, labels=labels).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(m, tokens, labels, steps=8, optimizer=torch.optim.Adam)
     assert losses[-1] < losses[0]
     m.eval()
     m.save_pretrained(tmp_path)

@@ -6,7 +6,7 @@ import torch
 
 import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention, padding_allowed
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 23
 
@@ -36,11 +36,7 @@ def test_layer_equals_oracle_values_and_gradients(padded):
     x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
     mask = random_mask(2, N) if padded else None
     fast, slow = attn(x, mask), oracle(attn, x, mask)
-    assert max_abs_diff(fast, slow) < 1e-12
-    up = torch.randn_like(fast)
-    params = [x] + list(attn.parameters())
-    for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
-        assert max_abs_diff(a, b) < 1e-12
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12)
 
 
 def test_isab_layer_is_permutation_equivariant():
@@ -115,14 +111,7 @@ def test_classifier_trains_and_round_trips(tmp_path):
                            dim=16, depth=1, heads=2, max_len=16, num_inducing=4)
     tokens = torch.randint(0, 10, (16, 12))
     labels = (tokens == 3).any(dim=1).long()  # does the set contain a 3?
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, labels, lr=1e-2)
     assert losses[-1] < losses[0]
     model.eval()
     model.save_pretrained(tmp_path)

@@ -12,7 +12,7 @@ from efficient_transformers.functional.dense import naive_attention, sdpa_attent
 from efficient_transformers.functional.sinkhorn import (
     causal_row_normalise, expand_permutation, gumbel_noise, sinkhorn_log,
 )
-from helpers import max_abs_diff, random_mask
+from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, train_losses
 
 DIM, HEADS, N = 16, 2, 23
 
@@ -99,13 +99,7 @@ def compare_with_oracle(attn, x, mask):
     fast = attn(x, mask)
     torch.manual_seed(123)
     slow, _ = oracle(attn, x, mask)
-    assert max_abs_diff(fast[real], slow[real]) < 1e-10
-    grad = torch.randn_like(fast) * real[..., None]
-    params = [x] + list(attn.parameters())
-    g_fast = torch.autograd.grad(fast, params, grad)
-    g_slow = torch.autograd.grad(slow, params, grad)
-    for a, b in zip(g_fast, g_slow):
-        assert max_abs_diff(a, b) < 1e-10
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), real[..., None], tol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -216,16 +210,9 @@ def test_model_trains(task, options):
     torch.manual_seed(0)
     model = et.build_model("sinkhorn_transformer", task=task, vocab_size=32, num_classes=3, dim=32,
                            depth=2, heads=2, max_len=64, block_size=8, **options)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     tokens = torch.randint(0, 32, (2, 32))
     labels = tokens if task == "lm" else torch.tensor([0, 2])
-    losses = []
-    for _ in range(5):
-        out = model(tokens, labels=labels)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = train_losses(model, tokens, labels, steps=5)
     assert losses[-1] < losses[0]
     if task == "lm":
         assert model.generate(tokens[:, :5], max_new_tokens=3, temperature=0).shape == (2, 8)

@@ -9,7 +9,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.attention.synthesizer import VARIANTS
 from efficient_transformers.functional.dense import dense_allowed
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 13
 
@@ -116,13 +116,6 @@ def test_language_model_trains():
     model = et.build_model("synthesizer", task="lm", vocab_size=17, dim=16, depth=1, heads=2,
                            max_len=32, variant="dense+vanilla")
     tokens = torch.randint(0, 17, (2, 16))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = model(tokens, labels=tokens).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, tokens, tokens)
     assert losses[-1] < losses[0]
     assert model.generate(tokens[:, :4], max_new_tokens=5, temperature=0).shape == (2, 9)

@@ -40,7 +40,8 @@ from torch import nn
 from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
 from ..functional.dense import naive_attention
 from ..functional.lsh import (
-    causal_allowed_rounds, lsh_attention, lsh_buckets, random_rotations, union_with_self,
+    causal_allowed_rounds, lsh_attention, lsh_buckets, random_rotations, sort_by_bucket,
+    union_with_self,
 )
 from ..registry import register
 from .base import Attention, check_positive_int
@@ -102,8 +103,9 @@ class ReformerAttention(Attention):
     def qkv(self, x):
         return self.split_heads(self.to_qk(x)), self.split_heads(self.to_v(x))
 
-    # ------------------------------------------------------------------------- forward
-    def attend(self, x, mask):
+    def hashed(self, x, mask):
+        """x (B, N, dim) padded to P, a multiple of bucket_size -> qk, v (B, H, P, d), buckets
+        (B, H, R, P); padded and masked positions get the padding bucket."""
         b, n, _ = x.shape
         x, _ = pad_to_multiple(x, self.bucket_size, dim=1)
         p = x.shape[1]
@@ -111,9 +113,20 @@ class ReformerAttention(Attention):
         if mask is not None or p != n:
             key_mask = pad_mask_to_multiple(mask, n, self.bucket_size, b, device=x.device)
         qk, v = self.qkv(x)  # (B, H, P, d)
-        buckets = self.hash(qk, self.buckets_for(p), key_mask)
+        return qk, v, self.hash(qk, self.buckets_for(p), key_mask)
+
+    # ------------------------------------------------------------------------- forward
+    def attend(self, x, mask):
+        n = x.shape[1]
+        qk, v, buckets = self.hashed(x, mask)
         out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal)
         return self.to_out(self.merge_heads(out[:, :, :n]))
+
+    def display_order(self, x):
+        """x (1, N, dim) -> (N,): positions sorted by (bucket of the first hash round, position)
+        for head 0, the sort of the fast path (padding sorts last and is dropped)."""
+        order = sort_by_bucket(self.hashed(x, None)[2][0, 0, 0])
+        return order[order < x.shape[1]]
 
     # -------------------------------------------------------------------------- decode
     def decode_step(self, x_new, state):

@@ -84,6 +84,17 @@ class RoutingAttention(Attention):
             return F.normalize(q_hat + k_hat, dim=-1), None
         return q_hat, k_hat
 
+    def display_order(self, x):
+        """x (1, N, dim) -> (N,): positions sorted by (nearest centroid, position) for the first
+        routing head (of the routing vector: q_hat, or the shared one when causal); the identity
+        when every head is local."""
+        if not self.routing_heads:
+            return torch.arange(x.shape[1], device=x.device)
+        q, k, _ = self.qkv(x)
+        hl = self.local_heads
+        r, _ = self.route_vectors(q[:, hl:], k[:, hl:])
+        return sort_by_group(nearest_centroid(r, self.centroids.detach()))[0, 0]
+
     def learn(self, vectors, scores, real):
         """Commitment loss for the routed vectors and, in training, the EMA step (after routing).
 

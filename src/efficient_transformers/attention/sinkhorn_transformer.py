@@ -34,8 +34,8 @@ from torch import nn
 
 from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
 from ..functional.sinkhorn import (
-    block_means, causal_row_normalise, gumbel_noise, sinkhorn_block_attention, sinkhorn_log,
-    sortcut_attention,
+    block_means, causal_row_normalise, gumbel_noise, hard_block_order, sinkhorn_block_attention,
+    sinkhorn_log, sortcut_attention,
 )
 from ..registry import register
 from .base import Attention, check_positive_int
@@ -92,15 +92,30 @@ class SinkhornAttention(Attention):
             return causal_row_normalise(s, first_row)
         return sinkhorn_log(s, self.sinkhorn_iters).exp()
 
-    # ----------------------------------------------------------------------- forward
-    def attend(self, x, mask):
+    def sort_matrix(self, x, mask):
+        """x (B, N, dim) -> padded xp (B, Np, dim), real (B, Np) and P (B, H, nb, nb)."""
         b, n, _ = x.shape
         s = self.block_size
         real = pad_mask_to_multiple(mask, n, s, b, device=x.device)  # (B, Np)
         xp, _ = pad_to_multiple(x, s, dim=1)
+        perm = self.permutation(self.block_scores(block_means(xp, real, s)))  # (B, H, nb, nb)
+        return xp, real, perm
+
+    def display_order(self, x):
+        """x (1, N, dim) -> (N,): the blocks in head 0's hard sorted order (slot i takes block
+        argmax_j P_ij, see `hard_block_order`), positions in order inside a block, padding dropped."""
+        s = self.block_size
+        blocks = hard_block_order(self.sort_matrix(x, None)[2][0, 0])  # (nb,)
+        order = (blocks[:, None] * s + torch.arange(s, device=x.device)).reshape(-1)
+        return order[order < x.shape[1]]
+
+    # ----------------------------------------------------------------------- forward
+    def attend(self, x, mask):
+        b, n, _ = x.shape
+        s = self.block_size
+        xp, real, perm = self.sort_matrix(x, mask)
         nb = xp.shape[1] // s
         q, k, v = self.qkv(xp)  # (B, H, Np, d)
-        perm = self.permutation(self.block_scores(block_means(xp, real, s)))  # (B, H, nb, nb)
         real_b = real.view(b, nb, s)
         kb, vb = (t.reshape(b, self.heads, nb, s, -1) for t in (k, v))
         if self.sortcut:

@@ -58,6 +58,12 @@ def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     return buckets
 
 
+def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:
+    """buckets (..., P) -> the permutation (..., P) ordering positions by (bucket, position)."""
+    positions = torch.arange(buckets.shape[-1], device=buckets.device)
+    return (buckets * buckets.shape[-1] + positions).sort(dim=-1).indices  # stable by construction
+
+
 # ------------------------------------------------------------------------ the fast path
 class _WindowAttention(torch.autograd.Function):
     """Softmax attention of chunk queries over their key windows, except where `blocked`.
@@ -167,7 +173,7 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chun
     dev = qk.device
 
     positions = torch.arange(p, device=dev)
-    order = (buckets * p + positions).sort(dim=-1).indices  # (B, H, R, P) stable by construction
+    order = sort_by_bucket(buckets)  # (B, H, R, P)
     rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
     rows = (torch.arange(b_ * h, device=dev) * p).view(b_, h, 1, 1)
     flat = (order + rows).reshape(-1)  # sorted slot -> row of qk / v (B·H·P rows)

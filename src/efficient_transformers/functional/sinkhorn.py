@@ -65,6 +65,20 @@ def block_means(x: torch.Tensor, real: torch.Tensor, block: int) -> torch.Tensor
     return sums / w.sum(2).clamp_min(1.0)
 
 
+def hard_block_order(perm: torch.Tensor) -> torch.Tensor:
+    """The sorted order of a soft permutation made hard: perm (..., nb, nb) -> block ids (..., nb).
+
+    Sorted slot i takes block argmax_j P_ij; a block picked by several slots keeps its first slot,
+    blocks picked by none follow in index order, so the result is always a permutation (the
+    sequence itself when argmax P is a permutation matrix)."""
+    rows, nb = perm.shape[-2:]
+    pick = perm.argmax(dim=-1)  # (..., rows)
+    slot = torch.arange(rows, device=perm.device).expand_as(pick)
+    first = torch.full((*pick.shape[:-1], nb), rows, dtype=torch.long, device=perm.device)
+    first = first.scatter_reduce(-1, pick, slot, reduce="amin")  # (..., nb): first slot or rows
+    return torch.sort(first, dim=-1, stable=True).indices
+
+
 def permuted_slot_real(real_b: torch.Tensor, causal: bool, first_row: int, rows: int) -> torch.Tensor:
     """Which slots of a sorted block hold at least one real token among the blocks it mixes.
 
