@@ -60,3 +60,34 @@ def assert_values_and_gradients_match(fast, slow, params, real=None, tol=1e-10, 
     grad_tol = tol if grad_tol is None else grad_tol
     for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(slow, params, up)):
         assert max_abs_diff(a, b) < grad_tol
+
+
+def flex_and_blocked(attn, x, mask):
+    """The same layer's outputs through the CPU block path and through FlexAttention compiled on
+    CPU (forward only), for tests marked slow. Skips where FlexAttention is unavailable."""
+    import pytest
+
+    from efficient_transformers.functional import flex
+
+    if not flex.flex_available():
+        pytest.skip("FlexAttention unavailable")
+    with torch.no_grad():
+        blocked = attn(x, mask)
+        flex.FORCE_FLEX = True
+        try:
+            fast = attn(x, mask)
+        finally:
+            flex.FORCE_FLEX = None
+    return fast, blocked
+
+
+def linear_attention_oracle(attn, x, mask):
+    """A kernel mechanism's definition computed naively from the layer's own projections and
+    feature map: the dense (N x N) feature-space weights, masked, normalised per row."""
+    from efficient_transformers.functional.dense import dense_allowed
+    from efficient_transformers.functional.kernels import naive_linear_attention
+
+    q, k, v = attn.qkv(x)
+    phi_q, phi_k = attn.feature_maps(q, k, mask)
+    out = naive_linear_attention(phi_q, phi_k, v, dense_allowed(x.shape[1], attn.causal, mask))
+    return attn.to_out(attn.merge_heads(out))

@@ -10,16 +10,9 @@ import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.global_local import BigBirdPattern, bigbird_attention
 from efficient_transformers.functional.patterns import dense_pattern_mask
-from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
+from helpers import flex_and_blocked, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def block_adjacency(pattern: BigBirdPattern) -> torch.Tensor:
@@ -118,19 +111,10 @@ def test_model_trains(one_thread):
 
 @pytest.mark.slow  # compiles FlexAttention on CPU (about a minute)
 def test_flex_forward_equals_blocked_path_on_cpu():
-    flex = pytest.importorskip("efficient_transformers.functional.flex")
-    if not flex.flex_available():
-        pytest.skip("FlexAttention unavailable")
     attn = small_attention("bigbird", dtype=torch.float32)
     x = torch.randn(2, 37, 16)
     mask = random_mask(2, 37)
-    with torch.no_grad():
-        blocked = attn(x, mask)
-        flex.FORCE_FLEX = True
-        try:
-            fast = attn(x, mask)
-        finally:
-            flex.FORCE_FLEX = None
+    fast, blocked = flex_and_blocked(attn, x, mask)
     assert max_abs_diff(fast[mask], blocked[mask]) < 1e-5
 
 

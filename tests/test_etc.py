@@ -15,13 +15,6 @@ from efficient_transformers.functional.global_local import etc_attention, etc_de
 from helpers import max_abs_diff, random_mask, small_attention, train_losses
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rand(*shape):

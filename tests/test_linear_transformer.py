@@ -4,19 +4,12 @@ import pytest
 import torch
 
 import efficient_transformers as et
-from efficient_transformers.functional.dense import dense_allowed
-from efficient_transformers.functional.kernels import naive_linear_attention
-from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
+from helpers import linear_attention_oracle, DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 29
 
 
-def oracle(attn, x, mask):
-    """The definition computed naively from the layer's own projections and feature map."""
-    q, k, v = attn.qkv(x)
-    phi_q, phi_k = attn.feature_maps(q, k, mask)
-    out = naive_linear_attention(phi_q, phi_k, v, dense_allowed(x.shape[1], attn.causal, mask))
-    return attn.to_out(attn.merge_heads(out))
+oracle = linear_attention_oracle
 
 
 @pytest.mark.parametrize("causal", [False, True])

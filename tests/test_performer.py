@@ -7,19 +7,15 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import dense_allowed, naive_attention
 from efficient_transformers.functional.kernels import (
-    causal_linear_attention, linear_attention, naive_linear_attention, orthogonal_gaussian,
+    causal_linear_attention, linear_attention, orthogonal_gaussian,
     softmax_feature_map,
 )
-from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
+from helpers import linear_attention_oracle, DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 29
 
 
-def oracle(attn, x, mask):
-    q, k, v = attn.qkv(x)
-    phi_q, phi_k = attn.feature_maps(q, k, mask)
-    out = naive_linear_attention(phi_q, phi_k, v, dense_allowed(x.shape[1], attn.causal, mask))
-    return attn.to_out(attn.merge_heads(out))
+oracle = linear_attention_oracle
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
