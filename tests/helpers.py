@@ -91,3 +91,15 @@ def linear_attention_oracle(attn, x, mask):
     phi_q, phi_k = attn.feature_maps(q, k, mask)
     out = naive_linear_attention(phi_q, phi_k, v, dense_allowed(x.shape[1], attn.causal, mask))
     return attn.to_out(attn.merge_heads(out))
+
+
+def assert_equals_dense_attention(attn, x, mask, tol=1e-12):
+    """attn (a layer with `qkv`, `merge_heads`, `to_out`) equals plain softmax attention over the
+    same projections, with the padding mask (at real positions) and without it."""
+    from efficient_transformers.functional.dense import sdpa_attention
+
+    q, k, v = attn.qkv(x)
+    dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=attn.causal, key_mask=mask)))
+    assert max_abs_diff(attn(x, mask)[mask], dense[mask]) < tol
+    dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=attn.causal)))
+    assert max_abs_diff(attn(x), dense) < tol

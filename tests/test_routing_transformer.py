@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import efficient_transformers as et
-from efficient_transformers.functional.dense import naive_attention, sdpa_attention
+from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.kmeans import (
     balanced_allowed, balanced_members, centroid_scores, ema_centroids, window_allowed,
 )
-from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask
+from helpers import assert_equals_dense_attention, assert_values_and_gradients_match, max_abs_diff, random_mask
 
 DIM, HEADS, N = 16, 2, 23
 
@@ -94,12 +94,7 @@ def test_oracle_with_a_small_window_and_many_clusters():
 def test_one_cluster_equals_dense_attention(causal):
     attn = build(causal, num_clusters=1, local_heads=0, window=64)
     x = torch.randn(2, N, DIM, dtype=torch.float64)
-    mask = random_mask(2, N)
-    q, k, v = attn.qkv(x)
-    dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=causal, key_mask=mask)))
-    assert max_abs_diff(attn(x, mask)[mask], dense[mask]) < 1e-12
-    dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=causal)))
-    assert max_abs_diff(attn(x), dense) < 1e-12
+    assert_equals_dense_attention(attn, x, random_mask(2, N))
 
 
 def test_balanced_members_equal_the_rank_definition():

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import efficient_transformers as et
-from efficient_transformers.functional.dense import naive_attention, sdpa_attention
+from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.sinkhorn import (
     causal_row_normalise, expand_permutation, gumbel_noise, sinkhorn_log,
 )
-from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, train_losses
+from helpers import assert_equals_dense_attention, assert_values_and_gradients_match, max_abs_diff, random_mask, train_losses
 
 DIM, HEADS, N = 16, 2, 23
 
@@ -164,12 +164,7 @@ def test_causal_rows_use_only_past_blocks():
 def test_one_block_equals_dense_attention(causal):
     attn = build(causal, block_size=32)
     x = torch.randn(2, N, DIM, dtype=torch.float64)
-    mask = random_mask(2, N)
-    q, k, v = attn.qkv(x)
-    dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=causal, key_mask=mask)))
-    assert max_abs_diff(attn(x, mask)[mask], dense[mask]) < 1e-12
-    dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=causal)))
-    assert max_abs_diff(attn(x), dense) < 1e-12
+    assert_equals_dense_attention(attn, x, random_mask(2, N))
 
 
 def test_gumbel_noise_in_training_only_and_seeded():

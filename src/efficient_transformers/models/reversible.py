@@ -14,6 +14,8 @@ for training). The task heads are the generic ones of `models/transformer.py`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from typing import Any
 
 import torch
@@ -78,14 +80,26 @@ class _RngState:
         self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
         self.device = device
 
+    @contextmanager
     def replay(self):
+        """Run the enclosed code with the RNG as it was; the outer RNG is restored afterwards."""
         devices = [self.device] if self.cuda else []
-        ctx = torch.random.fork_rng(devices=devices)
-        ctx.__enter__()
-        torch.set_rng_state(self.cpu_state)
-        if self.cuda:
-            torch.cuda.set_rng_state(self.cuda_state, self.device)
-        return ctx
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
+            yield
+
+
+def _recompute(fn, inp, rng: _RngState, upstream, params, grads: dict):
+    """Recompute out = fn(inp) as in the forward; accumulate the parameter gradients of
+    <upstream, out> into grads and return (out, gradient w.r.t. inp)."""
+    with torch.enable_grad(), rng.replay():
+        inp = inp.detach().requires_grad_()
+        out = fn(inp)
+        d = torch.autograd.grad(out, [inp] + params, upstream, allow_unused=True)
+    _accumulate(grads, params, d[1:])
+    return out.detach(), d[0]
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -112,31 +126,11 @@ class _ReversibleFunction(torch.autograd.Function):
         grads: dict[int, torch.Tensor] = {}
         for block, (rng_f, rng_g) in zip(reversed(ctx.blocks), reversed(ctx.rng)):
             params = [p for p in block.parameters() if p.requires_grad]
-            with torch.enable_grad():  # x2 = y2 - g(y1); grads of g
-                y1 = y1.detach().requires_grad_()
-                rng = rng_g.replay()
-                try:
-                    gy1 = block.g(y1)
-                finally:
-                    rng.__exit__(None, None, None)
-                d = torch.autograd.grad(gy1, [y1] + params, dy2, allow_unused=True)
-            with torch.no_grad():
-                x2 = y2 - gy1
-                dy1 = dy1 + d[0]
-            _accumulate(grads, params, d[1:])
-            with torch.enable_grad():  # x1 = y1 - f(x2); grads of f
-                x2 = x2.detach().requires_grad_()
-                rng = rng_f.replay()
-                try:
-                    fx2 = block.f(x2, ctx.mask)
-                finally:
-                    rng.__exit__(None, None, None)
-                d = torch.autograd.grad(fx2, [x2] + params, dy1, allow_unused=True)
-            with torch.no_grad():
-                x1 = y1 - fx2
-                dy2 = dy2 + d[0]
-            _accumulate(grads, params, d[1:])
-            y1, y2 = x1, x2.detach()
+            gy1, d_y1 = _recompute(block.g, y1, rng_g, dy2, params, grads)   # x2 = y2 - g(y1)
+            x2, dy1 = y2 - gy1, dy1 + d_y1
+            fx2, d_x2 = _recompute(lambda t: block.f(t, ctx.mask), x2, rng_f, dy1, params, grads)
+            x1, dy2 = y1 - fx2, dy2 + d_x2                                  # x1 = y1 - f(x2)
+            y1, y2 = x1, x2
         all_params = [p for block in ctx.blocks for p in block.parameters() if p.requires_grad]
         return (dy1, dy2, None, None, *[grads.get(id(p)) for p in all_params])
 
