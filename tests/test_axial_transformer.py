@@ -4,9 +4,13 @@ import pytest
 import torch
 
 import efficient_transformers as et
+from efficient_transformers.functional.axial import axial_attention, axial_attention_reference
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.patterns import dense_pattern_mask
-from helpers import max_abs_diff, small_attention
+from helpers import (
+    DIM, HEADS, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention,
+)
+from test_kernels import saved_bytes
 from test_patterns import check_decode, check_oracle, train_steps
 
 
@@ -17,6 +21,38 @@ def test_core_equals_oracle(shape, causal, padded):
     attn = small_attention("axial_transformer", causal=causal, shape=shape)
     n = 34
     check_oracle(attn.core, dense_pattern_mask(attn.pattern(n), n), n, padded)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (3, 3, 4), None])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_axial_equals_part_by_part_reference(shape, causal, padded):
+    # one autograd node against attention_with_lse per part merged by merge_attention_parts:
+    # out and lse, values and gradients (the lse alone too: its gradient path without d_out)
+    gen = torch.Generator().manual_seed(1)
+    n = 34
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64, generator=gen).requires_grad_()
+               for _ in range(3))
+    mask = random_mask(2, n, generator=gen) if padded else None
+    fast = lambda: axial_attention(q, k, v, shape, causal, mask)  # noqa: E731
+    slow = lambda: axial_attention_reference(q, k, v, shape, causal, mask)  # noqa: E731
+    has_keys = torch.isfinite(slow()[1])
+    assert torch.equal(torch.isfinite(fast()[1]), has_keys)
+    assert_values_and_gradients_match(fast()[0], slow()[0], [q, k, v], tol=1e-12)
+    assert_values_and_gradients_match(fast()[1], slow()[1], [q, k, v], real=has_keys, tol=1e-12)
+    both = lambda o, l: o.sum(-1) + l.masked_fill(~has_keys, 0.0)  # noqa: E731
+    assert_values_and_gradients_match(both(*fast()), both(*slow()), [q, k, v], tol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_saves_no_probabilities(causal):
+    # x, the qkv projection, the attention output (shared with the output projection's input),
+    # the lse and the weights: nothing of size N·s per head
+    attn = small_attention("axial_transformer", causal=causal, dtype=torch.float32)
+    x = torch.randn(2, 40, DIM, requires_grad=True)
+    weights = sum(p.numel() for p in attn.parameters())
+    expected = 4 * ((1 + 3 + 1) * x.numel() + 2 * HEADS * 40 + weights)
+    assert saved_bytes(lambda: attn(x)) <= expected
 
 
 @pytest.mark.parametrize("causal", [False, True])

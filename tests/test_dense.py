@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from efficient_transformers.functional.dense import (
-    causal_allowed, dense_allowed, masked_softmax, naive_attention, sdpa_attention,
+    causal_allowed, dense_allowed, masked_softmax, naive_attention, sdpa_attention, softmax_,
 )
 from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask
 
@@ -49,3 +49,14 @@ def test_oracle_matches_the_textbook_formula():
     q, k, v = qkv(b=1, h=1, n=6, d=4)
     expected = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
     assert max_abs_diff(naive_attention(q, k, v), expected) < 1e-14
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_softmax_in_place_equals_softmax_and_reuses_the_tensor(dtype):
+    scores = torch.randn(3, 5, 7, dtype=torch.float64).to(dtype)
+    scores[0, 1, :4] = torch.finfo(dtype).min  # masked entries, as the fast paths fill them
+    expected = torch.softmax(scores, dim=-1)
+    work = scores.clone()
+    out = softmax_(work)
+    assert out.data_ptr() == work.data_ptr()
+    assert max_abs_diff(out, expected) == 0

@@ -3,15 +3,17 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficient_transformers.functional.dense import causal_allowed, padding_allowed
+from efficient_transformers.functional.fused_linear import projected_elu_linear_attention
 from efficient_transformers.functional.kernels import (
     causal_linear_attention, elu_feature_map, linear_attention, mask_features,
     naive_linear_attention, orthogonal_gaussian, recurrent_linear_attention, relu_feature_map,
     softmax_feature_map,
 )
-from helpers import max_abs_diff, random_mask
+from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask
 
 B, H, N, M, D = 2, 3, 23, 7, 5
 
@@ -149,3 +151,98 @@ def test_relu_features_are_positive():
     torch.manual_seed(0)
     phi = relu_feature_map(torch.randn(1, 1, 5, 8), orthogonal_gaussian(16, 8))
     assert (phi > 0).all()
+
+
+# ------------------------------------------------ the fused layer form against its composition
+DIM_IN, HEADS = 12, 3
+
+
+def layer_inputs(dtype=torch.float64, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, DIM_IN, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(3 * DIM_IN, DIM_IN, generator=gen) * 0.4).to(dtype).requires_grad_()
+    b = (torch.randn(3 * DIM_IN, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    return x, weight, b, gen
+
+
+def composed_layer_form(x, weight, bias, heads, causal, mask, chunk):
+    """The reference: projection, heads split, φ, padded keys zeroed, the parallel or the chunked
+    causal form, heads merged."""
+    b, n, _ = x.shape
+    q, k, v = (t.view(b, n, heads, -1).transpose(1, 2).double()
+               for t in F.linear(x, weight, bias).chunk(3, dim=-1))
+    phi_q, phi_k = elu_feature_map(q), mask_features(elu_feature_map(k), mask)
+    out = (causal_linear_attention(phi_q, phi_k, v, chunk_size=chunk) if causal
+           else linear_attention(phi_q, phi_k, v))
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
+@pytest.mark.parametrize("causal,chunk", [(False, 64), (True, 1), (True, 4), (True, 7), (True, 64)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_layer_form_equals_composition(causal, chunk, padded):
+    # chunk 4 and 7 do not divide N = 23: the padded-rows path; 64 > N: one chunk
+    x, weight, bias, gen = layer_inputs(seed=chunk)
+    mask = random_mask(B, N, generator=gen) if padded else None
+    fast = projected_elu_linear_attention(x, weight, bias, HEADS, causal, mask, chunk)
+    slow = composed_layer_form(x, weight, bias, HEADS, causal, mask, chunk)
+    assert_values_and_gradients_match(fast, slow, [x, weight, bias], tol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_layer_form_without_bias_or_input_gradient(causal):
+    x, weight, _, _ = layer_inputs(seed=2, bias=False)
+    x = x.detach()
+    fast = projected_elu_linear_attention(x, weight, None, HEADS, causal, chunk_size=8)
+    slow = composed_layer_form(x, weight, None, HEADS, causal, None, 8)
+    assert_values_and_gradients_match(fast, slow, [weight], tol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_layer_form_gradient_of_a_sum(causal):
+    # out.sum() sends an expanded (stride 0) gradient
+    x, weight, bias, _ = layer_inputs(seed=3)
+    fast = torch.autograd.grad(projected_elu_linear_attention(x, weight, bias, HEADS, causal,
+                                                             chunk_size=4).sum(), (x, weight))
+    slow = torch.autograd.grad(composed_layer_form(x, weight, bias, HEADS, causal, None, 4).sum(),
+                               (x, weight))
+    assert all(max_abs_diff(a, b) < 1e-12 for a, b in zip(fast, slow))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_layer_form_low_precision(dtype, causal):
+    # computed in float32 from the low-precision projection, returned in the input dtype
+    x, weight, bias, gen = layer_inputs(dtype=dtype, seed=4)
+    mask = random_mask(B, N, generator=gen)
+    fast = projected_elu_linear_attention(x, weight, bias, HEADS, causal, mask, 4)
+    assert fast.dtype == dtype
+    slow = composed_layer_form(x, weight, bias, HEADS, causal, mask, 4)
+    assert max_abs_diff(fast.double(), slow) < 3e-2
+    fast.float().square().sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (x, weight, bias))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages that autograd saves for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_layer_form_saves_only_input_weight_and_features(causal):
+    x, weight, bias, _ = layer_inputs(dtype=torch.float32)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    saved = saved_bytes(lambda: projected_elu_linear_attention(x, weight, bias, HEADS, causal, mask))
+    # x, the weight and φ(q), φ(k), v (the size of the projection); non-causal also the state
+    # [S | z] (H, B, m, d + 1) of every head; no chunk products, no prefix states
+    d = DIM_IN // HEADS
+    states = 0 if causal else HEADS * B * d * (d + 1)
+    assert saved == 4 * (x.numel() + weight.numel() + 3 * B * N * DIM_IN + states)

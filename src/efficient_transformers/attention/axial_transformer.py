@@ -17,8 +17,10 @@ pair this is one kind of layer, strictly causal in raster order, so decode runs 
 
 Any N <= prod(shape): the leading axis is padded. `shape` None: the nearest square grid covering N
 (width ceil(sqrt(N)), `functional.axial.grid_shape`), forward only: decode needs a fixed shape.
-Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. CPU: batched matmuls per axis,
-merged by log-sum-exp (`functional.merge`); CUDA: FlexAttention with the `patterns.Axial` mask.
+Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. CPU: one autograd node
+(`functional.axial.axial_attention`) that runs batched matmuls per axis and head, merges them by
+log-sum-exp (`functional.merge`) and saves no probabilities; CUDA: FlexAttention with the
+`patterns.Axial` mask.
 Decode: a KV cache (columns reach every earlier row).
 """
 

@@ -8,6 +8,10 @@ Decode: the RNN of section 3.4 with state S = Σ φ(k) vᵀ and z = Σ φ(k), of
 
 Computation runs in at least float32 (the normaliser z sums N positive terms, which overflows
 fp16), then casts back to the input dtype.
+
+Forward (both forms) runs as `functional.fused_linear.projected_elu_linear_attention`: projection,
+feature map and attention in one autograd node, head by head, saving φ(q), φ(k), v only; decode
+uses the generic parts of `KernelAttention`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..functional.fused_linear import projected_elu_linear_attention
 from ..functional.kernels import (
     DEFAULT_CHUNK, causal_linear_attention, compute_dtype, elu_feature_map, linear_attention,
     linear_attention_step, mask_features,
@@ -78,3 +83,9 @@ class LinearTransformerAttention(KernelAttention):
 
     def feature_maps(self, q, k, key_mask):
         return elu_feature_map(q), elu_feature_map(k)
+
+    def attend(self, x, mask):
+        # KernelAttention.attend fused into one autograd node (same values and gradients)
+        out = projected_elu_linear_attention(x, self.to_qkv.weight, self.to_qkv.bias, self.heads,
+                                             self.causal, mask, self.chunk_size)
+        return self.to_out(out)

@@ -4,21 +4,29 @@ Timing: `warmup` untimed runs, then the median of `repeats` timed runs (``perf_c
 ``torch.cuda.synchronize()`` before and after each run on CUDA; or, with ``clock="cpu"``, the
 process's CPU time, all threads, which other processes on a shared machine do not inflate).
 
-Peak memory is the peak *above the baseline* taken after the warm-up (the built layer, its input
-and the output gradient exist; lazy initialisations of the first run are done), over the timed
-runs, so it counts activations, temporaries, saved tensors and parameter gradients:
+Peak memory comes from one run after the warm-up and before the timed runs (a decode: the
+prefix and its tokens once more), *above the baseline* taken just before it (the built layer, its
+input and the output gradient exist; lazy initialisations are done), so it counts activations,
+temporaries, saved tensors and parameter gradients:
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the
   allocated bytes at the baseline (exact; the caching allocator's reserve is not counted);
 - CPU: the process's resident-set high-water mark (``VmHWM`` in /proc/self/status), reset to the
-  current RSS by writing 5 to /proc/self/clear_refs at the baseline, minus ``VmRSS`` there. Each
-  CPU case runs in a fresh worker process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so large
-  tensors are mmap'd and returned to the OS when freed (RSS follows live tensors). Where
-  clear_refs is not writable, ``ru_maxrss`` minus the baseline RSS is used (an upper bound) and
-  the record says ``mem_method: ru_maxrss``.
+  current RSS by writing 5 to /proc/self/clear_refs at the baseline, minus ``VmRSS`` there. A
+  worker process (a fresh one per CPU case) starts with glibc's mmap threshold at 64 KiB, so
+  every tensor of 64 KiB or more is its own mapping, returned to the OS when freed: RSS follows
+  the live tensors. Where clear_refs is not writable, ``ru_maxrss`` minus the baseline RSS is
+  used (an upper bound) and the record says ``mem_method: ru_maxrss``.
+
+Allocator for the timed CPU runs: that 64 KiB threshold makes every large allocation page-fault
+afresh, which would inflate the times of code that allocates much, so after the memory run the
+worker sets glibc to the state its own dynamic thresholds reach in a long-running process
+(mmap threshold 32 MiB, trim threshold 64 MiB: tensors up to 32 MiB reuse heap memory) and
+times the next runs: what a user's process sees.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import resource
 import statistics
@@ -30,6 +38,30 @@ import torch
 from .config import DTYPES, length_options
 
 MIB = 2.0 ** 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+ISOLATED_WORKER = False  # set by a worker process: this process belongs to one case
+
+
+def _mallopt(trim: int | None, mmap_threshold: int) -> None:
+    """Set glibc's thresholds; nothing where it is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if trim is not None:
+            libc.mallopt(M_TRIM_THRESHOLD, trim)
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+def instrument_allocator() -> None:
+    """For memory runs: mmap every allocation of 64 KiB or more (RSS follows live tensors)."""
+    _mallopt(None, 64 * 1024)
+
+
+def steady_allocator() -> None:
+    """For timed runs in a worker: glibc's long-running state (see the module docstring)."""
+    if ISOLATED_WORKER:
+        _mallopt(64 * 2 ** 20, 32 * 2 ** 20)
 
 
 # ------------------------------------------------------------------------- CPU memory
@@ -112,20 +144,29 @@ def _sync(device):
 
 def _timed(fn, device, warmup: int, repeats: int, start_peak, between=None,
            clock=time.perf_counter):
-    """Warm-up runs, then the peak-memory baseline, then `repeats` timed runs -> (times, peak)."""
-    times, peak = [], None
-    for i in range(warmup + repeats):
+    """Warm-up runs, one run for the peak memory above a baseline taken just before it, then
+    `repeats` timed runs -> (times, peak bytes or None, memory method)."""
+    for _ in range(warmup):
         if between is not None:
             between()
-        if i == warmup:  # lazy initialisations of the first run belong to the baseline
-            peak = start_peak()
+        fn()
+    if between is not None:
+        between()
+    peak = start_peak()
+    fn()
+    peak_bytes, method = peak.peak_bytes(), peak.method
+    if device.type == "cpu":
+        steady_allocator()  # the median of the timed runs absorbs the first one's heap growth
+    times = []
+    for _ in range(repeats):
+        if between is not None:
+            between()
         _sync(device)
         t0 = clock()
         fn()
         _sync(device)
-        if i >= warmup:
-            times.append(clock() - t0)
-    return times, peak
+        times.append(clock() - t0)
+    return times, peak_bytes, method
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +201,7 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     if mode == "fwd":
         layer.eval()
         with torch.no_grad():
-            times, peak = _timed(lambda: layer(x), device, warmup, repeats, start_peak,
+            times, peak_bytes, method = _timed(lambda: layer(x), device, warmup, repeats, start_peak,
                                  clock=clock)
     elif mode == "fwdbwd":
         layer.train()
@@ -179,7 +220,7 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
             layer.zero_grad(set_to_none=True)
             x.grad = None
 
-        times, peak = _timed(step, device, warmup, repeats, start_peak, between=clear,
+        times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak, between=clear,
                              clock=clock)
     elif mode == "decode":
         result.update(_decode(layer, x, case, start_peak))
@@ -188,17 +229,30 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"mode: expected fwd, fwdbwd or decode, got {mode!r}")
     result.update(status="ok", time_ms=statistics.median(times) * 1e3,
                   times_ms=[t * 1e3 for t in times])
-    peak_bytes = peak.peak_bytes()
     result.update(peak_mib=None if peak_bytes is None else peak_bytes / MIB,
-                  mem_method=peak.method)
+                  mem_method=method)
     return result
 
 
 def _decode(layer, x, case, start_peak) -> dict[str, Any]:
-    """Prefix of N - T tokens in one call, then T single tokens; time per token, state at N."""
+    """Prefix of N - T tokens in one call, then T single tokens; time per token, state at N.
+    A pass for the peak memory first, then the same decode again, timed."""
     device = x.device
     n = x.shape[1]
     tokens = max(1, min(case.get("decode_tokens", 8), n - 1))
+    clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
+
+    def generate(times=None):
+        _, state = layer.decode(x[:, : n - tokens], None)
+        for t in range(n - tokens, n):
+            _sync(device)
+            t0 = clock()
+            _, state = layer.decode(x[:, t: t + 1], state)
+            _sync(device)
+            if times is not None:
+                times.append(clock() - t0)
+        return state
+
     layer.eval()
     with torch.no_grad():
         if n >= 3:  # warm-up: lazy initialisations happen before the baseline
@@ -206,16 +260,13 @@ def _decode(layer, x, case, start_peak) -> dict[str, Any]:
             layer.decode(x[:, 2:3], warm)
             del warm
         peak = start_peak()
-        _, state = layer.decode(x[:, : n - tokens], None)
-        clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
-        times = []
-        for t in range(n - tokens, n):
-            _sync(device)
-            t0 = clock()
-            _, state = layer.decode(x[:, t: t + 1], state)
-            _sync(device)
-            times.append(clock() - t0)
+        state = generate()
         peak_bytes = peak.peak_bytes()
+        del state
+        if device.type == "cpu":
+            steady_allocator()  # the untimed prefix grows the heap
+        times = []
+        state = generate(times)
     from ..attention.base import state_nbytes
 
     timed = times[1:] if len(times) > 1 else times  # the first step is the warm-up

@@ -9,29 +9,18 @@ and is replaced after a timeout or a crash.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 from typing import Any
 
 import torch  # noqa: F401  (imported here so the forkserver preloads it)
 
+from . import measure
 from .measure import classify_error, run_case
-
-M_MMAP_THRESHOLD = -3
-
-
-def _return_freed_memory_to_os() -> None:
-    """glibc: mmap every allocation >= 64 KiB (fixed threshold), so free() gives it back and RSS
-    tracks live tensors. Harmless where it is not glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536)
-    except (OSError, AttributeError):
-        pass
-
 
 def serve(conn) -> None:
     """Child loop: receive a case dict, answer a result dict; None ends it."""
-    _return_freed_memory_to_os()
+    measure.ISOLATED_WORKER = True  # a fresh process per CPU case: it may set the allocator
+    measure.instrument_allocator()
     import efficient_transformers as et
 
     et.list_attention()  # register every mechanism (already imported in the forkserver)

@@ -18,7 +18,11 @@ import math
 import torch
 
 from .blocks import pad_mask_to_multiple, pad_to_multiple
-from .merge import attention_with_lse, merge_attention_parts
+from .merge import (
+    attention_with_lse, masked_softmax_, merge_attention_parts, output_shift, softmax_grad_,
+    stat_dtype,
+)
+from .scratch import Scratch
 
 
 def grid_shape(n: int, shape=None) -> tuple[int, ...]:
@@ -62,19 +66,12 @@ def axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: tup
     return out, lse
 
 
-def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: tuple[int, ...],
-                    causal: bool, key_mask: torch.Tensor | None = None, scale: float | None = None):
-    """Axial attention with one softmax over the union of the query's lines (functional form of
-    `patterns.Axial`), each key counted once. Non-causal: the last axis (the row) including the
-    query, every other axis without the query's own coordinate. Causal: the row up to the query,
-    strictly earlier coordinates along the other axes, and the whole previous row (the rows-above
-    axis then skips that row). Any N: the grid's leading axis is padded.
-    -> out (B, H, N, d), lse (B, H, N)."""
-    bsz, h, n, d = q.shape
-    shape = grid_shape(n, shape)
-    total = math.prod(shape)
-    mask = pad_mask_to_multiple(key_mask, n, total, bsz, device=q.device)         # (B, total)
-    q, k, v = (pad_to_multiple(t, total)[0] for t in (q, k, v))
+def axial_parts(shape: tuple[int, ...], causal: bool) -> list[tuple[int, str, bool]]:
+    """The key sets of `axial_attention`, disjoint, as (axis, rule along it, previous_row).
+    Non-causal: the last axis (the row) including the query, every other axis of size > 1 without
+    the query's own coordinate. Causal: the row up to the query, strictly earlier coordinates along
+    the other axes (two or more rows back along the rows-above axis), and the whole previous row
+    (previous_row: query row r against key row r − 1 of the same plane)."""
     last = len(shape) - 1
     parts = []
     for axis, size in enumerate(shape):
@@ -85,12 +82,187 @@ def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: tu
         else:
             rule = "other"
         if axis == last or size > 1:
-            parts.append(axis_attention(q, k, v, shape, axis, axis_relation(size, rule, q.device),
-                                        mask, scale))
+            parts.append((axis, rule, False))
     if causal and len(shape) >= 2 and shape[-2] > 1:
-        parts.append(previous_row_attention(q, k, v, shape, mask, scale))
+        parts.append((last, "all", True))
+    return parts
+
+
+def _on_grid(q, k, v, shape, key_mask):
+    """q, k, v (B, H, N, d) padded to the grid -> (q, k, v, grid shape, key mask (B, total) or
+    None when every key is real)."""
+    bsz, _, n, _ = q.shape
+    shape = grid_shape(n, shape)
+    total = math.prod(shape)
+    mask = None
+    if key_mask is not None or total > n:
+        mask = pad_mask_to_multiple(key_mask, n, total, bsz, device=q.device)     # (B, total)
+    q, k, v = (pad_to_multiple(t, total)[0] for t in (q, k, v))
+    return q, k, v, shape, mask
+
+
+def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: tuple[int, ...],
+                    causal: bool, key_mask: torch.Tensor | None = None, scale: float | None = None):
+    """Axial attention with one softmax over the union of the query's lines (functional form of
+    `patterns.Axial`), each key counted once: the key sets of `axial_parts`. Any N: the grid's
+    leading axis is padded. -> out (B, H, N, d), lse (B, H, N), both differentiable.
+    One autograd node (`_AxialAttention`); `axial_attention_reference` is the same through
+    autograd, part by part."""
+    n = q.shape[2]
+    q, k, v, shape, mask = _on_grid(q, k, v, shape, key_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, lse = _AxialAttention.apply(q, k, v, shape, causal, mask, scale)
+    return out[:, :, :n], lse[:, :, :n]
+
+
+def axial_attention_reference(q, k, v, shape, causal, key_mask=None, scale=None):
+    """`axial_attention` as attention_with_lse per part (`axis_attention`,
+    `previous_row_attention`) merged by `merge_attention_parts` (for tests)."""
+    bsz, _, n, _ = q.shape
+    q, k, v, shape, mask = _on_grid(q, k, v, shape, key_mask)
+    if mask is None:
+        mask = torch.ones(bsz, q.shape[2], dtype=torch.bool, device=q.device)
+    parts = [previous_row_attention(q, k, v, shape, mask, scale) if previous_row else
+             axis_attention(q, k, v, shape, axis, axis_relation(shape[axis], rule, q.device), mask,
+                            scale)
+             for axis, rule, previous_row in axial_parts(shape, causal)]
     out, lse = merge_attention_parts(parts)
     return out[:, :, :n], lse[:, :, :n]
+
+
+class _LinePart:
+    """One part of the union for one head: lines (B, L..., s, ·) along `axis` of the grid — for
+    the previous-row part, query row r against key row r − 1 of the flattened rows (B, R, w, ·) —
+    and the keys it blocks: None, (s, s), or (B·L, s, s) bool. `index` names its scratch."""
+
+    def __init__(self, index, shape, axis, rule, previous_row, key_mask, bsz, device):
+        self.index, self.shape, self.axis, self.previous_row = index, shape, axis, previous_row
+        self.size = s = shape[axis]
+        relation = axis_relation(s, rule, device)                               # (s, s)
+        real = None if key_mask is None else self.view(key_mask[..., None], "k")[..., 0]
+        if previous_row:  # row r - 1 is above row r unless r starts a plane (3-D and up)
+            rows = torch.arange(1, math.prod(shape[:-1]), device=device)
+            above = (rows % shape[-2] != 0)[None, :, None]                      # (1, R-1, 1)
+            real = above if real is None else real & above
+        if real is None:
+            self.blocked = None if rule == "all" else ~relation
+        else:
+            allowed = relation & real[..., None, :]                             # (B, L..., s, s)
+            self.blocked = ~allowed.expand(bsz, *allowed.shape[1:]).reshape(-1, s, s)
+
+    def view(self, t: torch.Tensor, role: str) -> torch.Tensor:
+        """t (B, N, r) in position order -> its lines (B, L..., s, r), a view; role "q" or "k"."""
+        b, r = t.shape[0], t.shape[-1]
+        if self.previous_row:
+            rows = t.view(b, -1, self.size, r)
+            return rows[:, 1:] if role == "q" else rows[:, :-1]
+        return t.view(b, *self.shape, r).movedim(1 + self.axis, -2)
+
+    def lines(self, t: torch.Tensor, role: str, scratch: Scratch | None = None,
+              name: str = "") -> torch.Tensor:
+        """(B, N, r) -> (B·L, s, r) for bmm: a view where the line dimensions flatten (2-D
+        grids, B = 1: bmm takes the strided lines as they are), else a copy (into scratch when
+        given)."""
+        view = self.view(t, role)
+        shape = (-1, self.size, t.shape[-1])
+        try:
+            return view.view(shape)
+        except RuntimeError:
+            if scratch is None:
+                return view.reshape(shape)
+            return scratch(name, *view.shape).copy_(view).view(shape)
+
+    def put_(self, dest: torch.Tensor, lines: torch.Tensor, role: str, add: bool = True) -> None:
+        """dest (B, N, r) += lines (B·L, s, r) (add False: =), back in position order."""
+        view = self.view(dest, role)
+        (view.add_ if add else view.copy_)(lines.view(view.shape))
+
+    def scores(self, ql, kl, scale, stat, scratch: Scratch) -> torch.Tensor:
+        """(B·L, s, s) scaled scores in `stat`, −inf where blocked."""
+        out = torch.bmm(ql, kl.transpose(1, 2), out=scratch("scores", *ql.shape[:2], self.size))
+        out = out.to(stat).mul_(scale)
+        return out if self.blocked is None else out.masked_fill_(self.blocked, float("-inf"))
+
+    def attend(self, q, k, v, scale, scratch: Scratch):
+        """q, k, v (B, N, d) contiguous -> (out (B, N, d), lse (B, N)) of this part, in position
+        order; queries without a line here: out 0, lse −inf."""
+        b, n, d = q.shape
+        kl = self.lines(k, "k", scratch, "k_lines")
+        p, lse = masked_softmax_(self.scores(self.lines(q, "q", scratch, "q_lines"), kl, scale,
+                                             stat_dtype(q.dtype), scratch))     # (B·L, s, s)
+        out_lines = torch.bmm(p.to(v.dtype), self.lines(v, "k", scratch, "v_lines"),
+                              out=scratch(f"out{self.index}", *kl.shape))
+        if not self.previous_row and self.axis == len(self.shape) - 1:
+            return out_lines.view(b, n, d), lse.view(b, n)
+        out = scratch(f"out{self.index}_positions", b, n, d).zero_()
+        lse_out = lse.new_full((b, n, 1), float("-inf"))
+        self.put_(out, out_lines, "q", add=False)
+        self.put_(lse_out, lse, "q", add=False)
+        return out, lse_out[..., 0]
+
+    def backward_(self, q, k, v, d_out, lse, shift, scale, d_q, d_k, d_v, scratch: Scratch):
+        """Adds this part's share of the gradients to d_q, d_k, d_v (B, N, d), given q, k, v,
+        d_out (B, N, d) contiguous, the union's lse (B, N) (0 where −inf) and
+        shift = rowsum(dO ∘ O) − dlse (B, N, 1)."""
+        stat = lse.dtype
+        ql, kl = self.lines(q, "q", scratch, "q_lines"), self.lines(k, "k", scratch, "k_lines")
+        vl, gl = self.lines(v, "k", scratch, "v_lines"), self.lines(d_out, "q", scratch, "g_lines")
+        p = self.scores(ql, kl, scale, stat, scratch)
+        p = p.sub_(self.lines(lse[..., None], "q")).exp_()           # the union's probabilities
+        d_s = torch.bmm(gl, vl.transpose(1, 2), out=scratch("d_s", *p.shape)).to(stat)
+        d_s = softmax_grad_(d_s, p, self.lines(shift, "q"), scale).to(q.dtype)
+        for dest, a, bb, role in ((d_q, d_s, kl, "q"), (d_k, d_s.transpose(1, 2), ql, "k"),
+                                  (d_v, p.to(v.dtype).transpose(1, 2), gl, "k")):
+            self.put_(dest, torch.bmm(a, bb, out=scratch("d_lines", *kl.shape)), role)
+
+
+class _AxialAttention(torch.autograd.Function):
+    """q, k, v (B, H, N, d), N = prod(shape) -> out (B, H, N, d), lse (B, H, N): one softmax over
+    the union of `axial_parts`, head by head and part by part, on contiguous copies of one head
+    and `Scratch` temporaries (B·L, s, s). Saved: q, k, v, out and lse only; backward recomputes
+    each part's probabilities from the union's lse, P = exp(s − lse), and
+    dS = P ∘ (dO vᵀ − rowsum(dO ∘ O) + dlse). out is a view of a (B, N, H, d) tensor, so merging
+    the heads after it costs no copy."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shape, causal, key_mask, scale):
+        bsz, heads, n, d = q.shape
+        parts = [_LinePart(i, shape, *part, key_mask, bsz, q.device)
+                 for i, part in enumerate(axial_parts(shape, causal))]
+        scratch = Scratch(q)
+        out = q.new_empty(bsz, n, heads, d)
+        lse = q.new_empty(bsz, heads, n, dtype=stat_dtype(q.dtype))
+        for h in range(heads):
+            qh, kh, vh = _head(h, scratch, q=q, k=k, v=v)
+            out[:, :, h], lse[:, h] = merge_attention_parts(
+                [part.attend(qh, kh, vh, scale, scratch) for part in parts])
+        ctx.parts, ctx.scale = parts, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.transpose(1, 2), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        bsz, heads, n, d = q.shape
+        scratch = Scratch(q)
+        grads = [torch.zeros(bsz, n, heads, d, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        safe_lse = lse.masked_fill(torch.isinf(lse), 0.0)        # rows without keys: P = 0
+        if d_out is None:
+            d_out = out.new_zeros(bsz, heads, n, d)
+        for h in range(heads):
+            qh, kh, vh, gh = _head(h, scratch, q=q, k=k, v=v, g=d_out)
+            shift = output_shift(gh, out[:, :, h], None if d_lse is None else d_lse[:, h],
+                                 lse.dtype)                                     # (B, N, 1)
+            for part in ctx.parts:
+                part.backward_(qh, kh, vh, gh, safe_lse[:, h], shift, ctx.scale,
+                               *(t[:, :, h] for t in grads), scratch)
+        return tuple(t.transpose(1, 2) for t in grads) + (None, None, None, None)
+
+
+def _head(h: int, scratch: Scratch, **tensors):
+    """Head h of each (B, H, N, d) tensor as a contiguous (B, N, d) scratch copy."""
+    return [scratch(name, t.shape[0], *t.shape[2:]).copy_(t[:, h]) for name, t in tensors.items()]
 
 
 def previous_row_attention(q, k, v, shape, mask, scale=None):

@@ -35,6 +35,16 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, written over `scores` (no second tensor of its size: on CPU a
+    fresh large tensor costs page faults as well as memory). Falls back to a new tensor where
+    the in-place kernel is not available."""
+    try:
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return scores.copy_(torch.softmax(scores, dim=-1))
+
+
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     allowed: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """The oracle: softmax(q kᵀ · scale, restricted to `allowed`) v, materialising every score."""

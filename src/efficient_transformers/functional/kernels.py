@@ -9,6 +9,9 @@ Linear attention replaces softmax(q kᵀ) v by φ(q) (φ(k)ᵀ v) / φ(q) (φ(k)
   (m × (d+1)) states. Memory O(N·C + N/C·m·d); never an N × m × d cumulative tensor.
 - `linear_attention_step`: the recurrent form (Katharopoulos et al. section 3.4, the RNN with
   S_i = S_{i-1} + φ(k_i) v_iᵀ, z_i = z_{i-1} + φ(k_i)), one token at a time, for decode.
+- `projected_elu_linear_attention`: the qkv projection, φ = elu + 1 and the parallel or chunked
+  form in one autograd node that saves φ(q), φ(k), v only (the layer's fast path; the forms above
+  are its reference in the tests).
 
 The denominator rides along as an extra column of ones appended to v, so numerator and
 denominator come out of the same matmul: the state is (m, d+1), its last column is z.

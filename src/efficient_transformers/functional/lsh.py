@@ -28,7 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dense import naive_attention
+from .dense import naive_attention, softmax_
+from .merge import output_shift, softmax_grad_
 
 
 # ------------------------------------------------------------------------------ hashing
@@ -65,38 +66,6 @@ def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ the fast path
-class _WindowAttention(torch.autograd.Function):
-    """Softmax attention of chunk queries over their key windows, except where `blocked`.
-
-    q (..., c, d), k (..., d, 2c), v (..., 2c, e), blocked (..., c, 2c) -> out (..., c, e) and the
-    log-sum-exp of each row (..., c). The weights are the only (..., c, 2c) tensor kept for backward;
-    they serve both gradients: dS = softmax'(dW) + W * dlse. A row with nothing allowed comes out
-    uniform with lse = finfo.min + log(2c); the caller marks it empty.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, blocked):
-        scores = torch.matmul(q, k)
-        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1)
-        # lse = s_j - log w_j for any j; at the row maximum w_j >= 1/(2c), so this is exact
-        lse = scores.amax(dim=-1) - torch.log(weights.amax(dim=-1))
-        ctx.save_for_backward(q, k, v, weights)
-        return torch.matmul(weights, v), lse
-
-    @staticmethod
-    def backward(ctx, g_out, g_lse):
-        q, k, v, weights = ctx.saved_tensors
-        g_weights = torch.matmul(g_out, v.transpose(-1, -2))
-        g_v = torch.matmul(weights.transpose(-1, -2), g_out)
-        g_scores = torch._softmax_backward_data(g_weights, weights, -1, weights.dtype)
-        if g_lse is not None:
-            g_scores.addcmul_(weights, g_lse.unsqueeze(-1))
-        g_q = torch.matmul(g_scores, k.transpose(-1, -2))
-        g_k = torch.matmul(q.transpose(-1, -2), g_scores)
-        return g_q, g_k, g_v, None
-
-
 def _look_back(t: torch.Tensor) -> torch.Tensor:
     """(..., C, c, x) -> (..., C, 2c, x): each chunk after its predecessor (the last for chunk 0)."""
     c = t.shape[-2]
@@ -107,26 +76,115 @@ def _look_back(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _SortRounds(torch.autograd.Function):
-    """x (B·H·P, d) -> its rows in every round's sorted order, (B·H·R·P, d).
+def _windows(rows: torch.Tensor, chunk: int, start: int, width: int) -> torch.Tensor:
+    """rows ((M + 1)·c, w), one chunk of padding first -> the (M, 2c, width) view of columns
+    [start, start + width) where window m holds chunks m - 1 and m (no copy: windows overlap)."""
+    m = rows.shape[0] // chunk - 1
+    w = rows.stride(0)
+    return rows.as_strided((m, 2 * chunk, width), (chunk * w, w, 1),
+                           rows.storage_offset() + start)
 
-    `to_sorted` picks, for each sorted slot, the source row; `to_positions` is the inverse: for
-    (b, h, r, p), the slot holding position p in round r. Backward gathers with the inverse and sums
-    over rounds (a gather, not the scatter-add of index_select's backward).
+
+class _ChunkWindowAttention(torch.autograd.Function):
+    """Softmax attention of each sorted chunk's queries over (previous chunk, own chunk), except
+    where `blocked`.
+
+    rows ((M + 1)·c, 2d + e): [q, k, v] of M = B·H·R·C sorted chunks of c rows after one chunk of
+    padding (the "previous chunk" of the very first; any other chunk's predecessor is the row
+    order's previous chunk, and the caller blocks whatever crosses a round). blocked (M, c, 2c).
+    Returns out (M, c, e) and the log-sum-exp of each row (M, c). The key and value windows are
+    overlapping views (no copy); saved for backward: rows, the weights (M, c, 2c) and out.
+    Backward: dS = W * (dW - rowsum(dO * O) + dlse) (the row sum of W * dW equals dO · O), in
+    place; window gradients are folded back half by half (`_window_grad`). A row with nothing
+    allowed comes out uniform with lse = finfo.min + log(2c); the caller marks it empty.
     """
 
     @staticmethod
-    def forward(ctx, x, to_sorted, to_positions, rounds, length):
-        ctx.save_for_backward(to_positions)
-        ctx.shape = (x.shape[0] // length, rounds, length)  # (B·H, R, P)
-        return x.index_select(0, to_sorted)
+    def forward(ctx, rows, blocked, d):
+        c = blocked.shape[-2]
+        e = rows.shape[-1] - 2 * d
+        q = rows[c:, :d].unflatten(0, (-1, c))                                # (M, c, d)
+        weights = torch.matmul(q, _windows(rows, c, d, d).transpose(-1, -2))  # (M, c, 2c)
+        weights.masked_fill_(blocked, torch.finfo(weights.dtype).min)
+        row_max = weights.amax(dim=-1)
+        softmax_(weights)  # in place: no second (M, c, 2c) tensor
+        # lse = s_j - log w_j for any j; at the row maximum w_j >= 1/(2c), so this is exact
+        lse = row_max - torch.log(weights.amax(dim=-1))
+        out = torch.matmul(weights, _windows(rows, c, 2 * d, e))              # (M, c, e)
+        ctx.save_for_backward(rows, weights, out)
+        ctx.d = d
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        rows, weights, out = ctx.saved_tensors
+        d, c = ctx.d, weights.shape[-2]
+        e = rows.shape[-1] - 2 * d
+        q = rows[c:, :d].unflatten(0, (-1, c))
+        g_rows = torch.empty_like(rows)
+        g_rows[:c] = 0
+        g_q, g_k, g_v = (g_rows[c:, a:b].unflatten(0, (-1, c))
+                         for a, b in ((0, d), (d, 2 * d), (2 * d, 2 * d + e)))
+        _window_grad(weights, g_out, out=g_v)
+        g_scores = torch.matmul(g_out, _windows(rows, c, 2 * d, e).transpose(-1, -2))
+        softmax_grad_(g_scores, weights, output_shift(g_out, out, g_lse, weights.dtype), 1.0)
+        g_q.copy_(torch.matmul(g_scores, _windows(rows, c, d, d)))
+        _window_grad(g_scores, q, out=g_k)
+        return g_rows, None, None
+
+
+def _window_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (M, c, x) = the gradient of the chunks under the window view: the window of chunk m
+    holds chunks m - 1 and m, so with G = aᵀ b per window (a (M, c, 2c), b (M, c, x)),
+    out[m] = G[m, c:] + G[m + 1, :c], computed half by half (no (M, 2c, x) tensor).
+    Products go to fresh tensors: a matmul into a strided `out` runs one small GEMM per batch."""
+    c = out.shape[-2]
+    out.copy_(torch.matmul(a[..., c:].transpose(-1, -2), b))
+    out[:-1] += torch.matmul(a[1:, :, :c].transpose(-1, -2), b[1:])
+
+
+class _SortRounds(torch.autograd.Function):
+    """x (B·H·P, w) -> its rows in every round's sorted order after `pad` zero rows,
+    (pad + B·H·R·P, w).
+
+    `to_sorted` (B·H·R·P,) picks, for each sorted slot, the source row; `to_slots` is the inverse:
+    for (b, h, r, p), the slot holding position p in round r. `shape` = (B·H, R, P).
+    Backward is `_UnsortRounds` and the other way round: the two are adjoint.
+    """
+
+    @staticmethod
+    def forward(ctx, x, to_sorted, to_slots, shape, pad=0):
+        ctx.save_for_backward(to_sorted, to_slots)
+        ctx.shape, ctx.pad = shape, pad
+        out = x.new_empty(pad + to_sorted.numel(), x.shape[-1])
+        out[:pad] = 0
+        torch.index_select(x, 0, to_sorted, out=out[pad:])
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        (to_positions,) = ctx.saved_tensors
-        back = g.index_select(0, to_positions)  # rows ordered (b, h, r, p)
-        back = back.view(*ctx.shape, g.shape[-1]).sum(dim=1)  # the rounds' gradients add up
-        return back.reshape(-1, g.shape[-1]), None, None, None, None
+        g = g[ctx.pad:]
+        return _UnsortRounds.apply(g, *ctx.saved_tensors, ctx.shape), None, None, None, None
+
+
+class _UnsortRounds(torch.autograd.Function):
+    """y (B·H·R·P, w) in sorted order -> (B·H·P, w): each position's rows of all rounds summed
+    (a gather by the inverse permutation per round; no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, y, to_sorted, to_slots, shape):
+        ctx.save_for_backward(to_sorted, to_slots)
+        ctx.shape = shape
+        slots = to_slots.view(shape)  # (B·H, R, P)
+        out = y.index_select(0, slots[:, 0].reshape(-1))
+        part = torch.empty_like(out)  # one buffer for the other rounds
+        for r in range(1, shape[1]):
+            out += torch.index_select(y, 0, slots[:, r].reshape(-1), out=part)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _SortRounds.apply(g, *ctx.saved_tensors, ctx.shape), None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -157,6 +215,44 @@ def _static_mask(n_chunks: int, chunk: int, causal: bool, device) -> torch.Tenso
     return band[None] & (first | (t >= chunk)[None])
 
 
+def _blocked_pairs(buckets, order, rank, flat, chunk, causal):
+    """(B, H, R, C, c, 2c) bool: True where a query may not use a window key in that round —
+    another bucket, outside the static window, or a pair already attended in an earlier round
+    (each pair counted once)."""
+    b_, h, r, p = buckets.shape
+    c, n_chunks = chunk, p // chunk
+    dev = buckets.device
+    b_q = buckets.to(torch.int32).gather(-1, order).view(b_, h, r, n_chunks, c)
+    blocked = b_q[..., :, None] != _look_back(b_q[..., None])[..., None, :, 0]
+    blocked |= ~_static_mask(n_chunks, c, causal, dev)
+    if r == 1:
+        return blocked
+    if causal:  # member of round s: same bucket and rank distance in [1, c]
+        big, loc = p + c + 1, rank
+    else:  # member of round s: same bucket and chunk distance in {0, 1}
+        big, loc = n_chunks + 2, torch.div(rank, c, rounding_mode="floor")
+    top = (int(buckets.max()) + 1) * big
+    kind = torch.int16 if top < 2 ** 15 else torch.int32 if top < 2 ** 31 else torch.int64
+    loc = (buckets * big + loc).to(kind)
+    loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, flat)  # all rounds' locs
+    loc_q = loc.view(b_, h, r, n_chunks, c, r)
+    loc_k = _look_back(loc_q)
+    shift = c.bit_length() - 1 if causal and c & (c - 1) == 0 else None
+    for s in range(r - 1):  # rounds s before the current round
+        dist = loc_q[:, :, s + 1:, ..., s, None] - loc_k[:, :, s + 1:, ..., None, :, s]
+        if not causal:
+            dist >>= 1
+            seen = dist == 0  # dist in {0, 1}
+        elif shift is not None:
+            dist -= 1
+            dist >>= shift
+            seen = dist == 0  # dist in [1, c], c a power of two
+        else:
+            seen = (dist >= 1) & (dist <= c)
+        blocked[:, :, s + 1:] |= seen
+    return blocked
+
+
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chunk: int,
                   causal: bool, scale: float | None = None) -> torch.Tensor:
     """Chunked multi-round shared-QK LSH attention; O(R·N·2c) memory, no N×N tensor.
@@ -180,50 +276,24 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chun
     slot0 = rows * r + torch.arange(r, device=dev).view(1, 1, r, 1) * p  # first slot of a round
     to_slot = (rank + slot0).reshape(-1)  # (b, h, r, position) -> its sorted slot
     from_slot = (order + slot0).reshape(-1)  # sorted slot -> (b, h, r, position)
+    shape = (b_ * h, r, p)
 
-    # gather into sorted chunks: (B, H, R, C, c, .)
-    q_s = _SortRounds.apply(qk.reshape(-1, d), flat, to_slot, r, p)
-    v_s = _SortRounds.apply(v.reshape(-1, e), flat, to_slot, r, p)
-    q_s = q_s.view(b_, h, r, n_chunks, c, d)
-    k_w = _look_back(F.normalize(q_s, dim=-1)).transpose(-1, -2)  # (B, H, R, C, d, 2c)
-    v_w = _look_back(v_s.view(b_, h, r, n_chunks, c, e))  # (B, H, R, C, 2c, e)
-    b_q = buckets.to(torch.int32).gather(-1, order).view(b_, h, r, n_chunks, c)
-    b_k = _look_back(b_q[..., None])[..., 0]
+    # one gather of [q·scale, k = q/|q|, v] into sorted order, after one chunk of padding
+    rows_in = torch.cat([qk * scale, F.normalize(qk, dim=-1), v], dim=-1)
+    packed = _SortRounds.apply(rows_in.reshape(-1, 2 * d + e), flat, to_slot, shape, c)
+    blocked = _blocked_pairs(buckets, order, rank, flat, c, causal)
+    out_s, lse_s = _ChunkWindowAttention.apply(packed, blocked.flatten(0, 3), d)  # (M, c, e)
+    del blocked
 
-    blocked = (b_q[..., :, None] != b_k[..., None, :]) | ~_static_mask(n_chunks, c, causal, dev)
-    if r > 1:  # a pair already attended in an earlier round is masked: each pair counted once
-        if causal:  # member of round s: same bucket and rank distance in [1, c]
-            big, loc = p + c + 1, rank
-        else:  # member of round s: same bucket and chunk distance in {0, 1}
-            big, loc = n_chunks + 2, torch.div(rank, c, rounding_mode="floor")
-        small = (int(buckets.max()) + 1) * big < 2 ** 31
-        loc = (buckets * big + loc).to(torch.int32 if small else torch.int64)
-        loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, flat)  # all rounds' locs
-        loc_q = loc.view(b_, h, r, n_chunks, c, r)
-        loc_k = _look_back(loc_q)
-        shift = c.bit_length() - 1 if causal and c & (c - 1) == 0 else None
-        for s in range(r - 1):  # rounds s before the current round
-            dist = loc_q[:, :, s + 1:, ..., s, None] - loc_k[:, :, s + 1:, ..., None, :, s]
-            if not causal:
-                seen = (dist >> 1) == 0  # dist in {0, 1}
-            elif shift is not None:
-                seen = ((dist - 1) >> shift) == 0  # dist in [1, c], c a power of two
-            else:
-                seen = (dist >= 1) & (dist <= c)
-            blocked[:, :, s + 1:] |= seen
-
-    # per-round softmax restricted to `allowed`; empty rows are marked and weighted 0 below
-    out_s, lse_s = _WindowAttention.apply(q_s * scale, k_w, v_w, blocked)  # (.., C, c, e)
-    lse_s = lse_s.masked_fill(lse_s < torch.finfo(lse_s.dtype).min / 2, float("-inf"))  # empty
-
-    # back to positions: entry of position i in round r sits at sorted index rank[r, i]
-    out = _Permute.apply(out_s.reshape(-1, e), to_slot, from_slot).view(b_, h, r, p, e)
-    lse = _Permute.apply(lse_s.reshape(-1, 1), to_slot, from_slot).view(b_, h, r, p)
+    # rounds combined with weights softmax_r(lse_r) per position (empty rounds weigh 0)
+    lse_s = lse_s.masked_fill(lse_s < torch.finfo(lse_s.dtype).min / 2, float("-inf"))
+    lse = _Permute.apply(lse_s.reshape(-1), to_slot, from_slot).view(b_, h, r, p)
     lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
-
     any_set = torch.isfinite(lse).any(dim=2, keepdim=True)  # (B, H, 1, P)
-    round_w = torch.softmax(torch.where(any_set, lse, 0.0), dim=2).to(out.dtype)
-    combined = (round_w[..., None] * out).sum(dim=2)  # (B, H, P, e)
+    round_w = torch.softmax(torch.where(any_set, lse, 0.0), dim=2).to(out_s.dtype)
+    w_sorted = _Permute.apply(round_w.reshape(-1), from_slot, to_slot)  # (B·H·R·P,)
+    weighted = out_s.reshape(-1, e) * w_sorted[:, None]
+    combined = _UnsortRounds.apply(weighted, flat, to_slot, shape).view(b_, h, p, e)
     return torch.where(any_set.squeeze(2)[..., None], combined, v)  # empty union: itself
 
 

@@ -39,6 +39,37 @@ def softmax_with_lse(scores: torch.Tensor):
     return p, lse.squeeze(-1)
 
 
+def masked_softmax_(scores: torch.Tensor, blocked: torch.Tensor | None = None):
+    """In place, no autograd: scores (..., M) in a stat dtype, −inf where `blocked` (bool,
+    broadcastable) -> (probabilities (..., M) in scores' storage, lse (...,)). Empty rows:
+    probabilities 0, lse −inf."""
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = scores.sub_(row_max).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    p = p.div_(total.clamp_min(torch.finfo(total.dtype).tiny))
+    lse = torch.where(total > 0, torch.log(total) + row_max,
+                      torch.full_like(total, float("-inf"))).squeeze(-1)
+    return p, lse
+
+
+def output_shift(d_out: torch.Tensor, out: torch.Tensor, d_lse: torch.Tensor | None,
+                 stat: torch.dtype) -> torch.Tensor:
+    """rowsum(dO ∘ O) − dlse (..., N, 1) in `stat`: what the softmax backward subtracts from dP."""
+    shift = (d_out.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)
+    return shift if d_lse is None else shift - d_lse.to(stat)[..., None]
+
+
+def softmax_grad_(d_p: torch.Tensor, p: torch.Tensor, shift: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """In place in d_p: the gradient of the scaled scores, d_s = P ∘ (dP − shift) · scale, where
+    dP = dO vᵀ (..., N, M) and shift = rowsum(dO ∘ O) − dlse (..., N, 1)."""
+    d_p.sub_(shift).mul_(p)
+    return d_p if scale == 1.0 else d_p.mul_(scale)
+
+
 class _AttentionWithLse(torch.autograd.Function):
     """softmax(q kᵀ · scale | allowed) v and its lse, with a hand-written backward that keeps
     only the probabilities (one (..., N, M) tensor) and takes the lse gradient into account:
@@ -48,15 +79,7 @@ class _AttentionWithLse(torch.autograd.Function):
     def forward(ctx, q, k, v, allowed, scale):
         stat = stat_dtype(q.dtype)
         scores = torch.matmul(q, k.transpose(-1, -2)).to(stat).mul_(scale)       # (..., N, M)
-        if allowed is not None:
-            scores.masked_fill_(~allowed, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = scores.sub_(row_max).exp_()
-        total = p.sum(dim=-1, keepdim=True)
-        p = p.div_(total.clamp_min(torch.finfo(stat).tiny))
-        lse = torch.where(total > 0, torch.log(total) + row_max,
-                          torch.full_like(total, float("-inf"))).squeeze(-1)
+        p, lse = masked_softmax_(scores, None if allowed is None else ~allowed)
         out = torch.matmul(p.to(v.dtype), v)
         ctx.save_for_backward(q, k, v, p, out)
         ctx.scale = scale
@@ -69,10 +92,7 @@ class _AttentionWithLse(torch.autograd.Function):
         stat = p.dtype
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_p = torch.matmul(d_out, v.transpose(-1, -2)).to(stat)                    # (..., N, M)
-        shift = (d_out.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)
-        if d_lse is not None:
-            shift = shift - d_lse.to(stat)[..., None]
-        d_s = d_p.sub_(shift).mul_(p).mul_(ctx.scale).to(q.dtype)
+        d_s = softmax_grad_(d_p, p, output_shift(d_out, out, d_lse, stat), ctx.scale).to(q.dtype)
         d_q = torch.matmul(d_s, k)
         d_k = torch.matmul(d_s.transpose(-1, -2), q)
         d_v = torch.matmul(p.to(v.dtype).transpose(-1, -2), d_out)
