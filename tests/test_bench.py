@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import efficient_transformers as et
 from efficient_transformers.bench import BenchConfig, fit_exponent, run_bench
@@ -187,3 +188,29 @@ def test_cuda_harness_measures_time_and_allocator_peak(tmp_path):
     records = run_bench(cfg)["records"]
     assert [r["status"] for r in records] == ["ok"] * 6
     assert all(r["peak_mib"] > 0 and r["mem_method"] == "max_memory_allocated" for r in records)
+
+
+def test_memory_run_comes_before_the_timed_runs_and_the_allocator_switch(monkeypatch):
+    """Peak memory from its own run (under the instrumented allocator); then the allocator goes
+    to glibc's steady state and only the runs after that are timed."""
+    from efficient_transformers.bench import measure
+
+    events = []
+
+    class FakePeak:
+        method = "fake"
+
+        def __init__(self):
+            events.append("baseline")
+
+        def peak_bytes(self):
+            events.append("peak read")
+            return 123
+
+    monkeypatch.setattr(measure, "steady_allocator", lambda: events.append("steady"))
+    times, peak, method = measure._timed(lambda: events.append("run"), torch.device("cpu"),
+                                         warmup=1, repeats=3, start_peak=FakePeak,
+                                         between=lambda: events.append("clear"))
+    assert (peak, method, len(times)) == (123, "fake", 3)
+    assert events == ["clear", "run", "clear", "baseline", "run", "peak read", "steady",
+                      "clear", "run", "clear", "run", "clear", "run"]
