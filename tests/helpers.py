@@ -32,6 +32,16 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def assert_classifier_trains(name: str, **options) -> None:
+    """A 2-layer classifier of mechanism `name` lowers its loss on one batch of 33 tokens."""
+    torch.manual_seed(0)
+    model = et.build_model(name, task="classify", vocab_size=13, dim=DIM, depth=2, heads=HEADS,
+                           max_len=40, **options)
+    tokens = torch.randint(0, 13, (4, 33))
+    losses = train_losses(model, tokens, tokens[:, 0] % 2, lr=1e-2)
+    assert losses[-1] < losses[0]
+
+
 def train_losses(model, tokens, labels, steps: int = 6, lr: float = 3e-3,
                  optimizer=torch.optim.AdamW) -> list[float]:
     """`steps` optimizer steps on one batch; the loss before each step."""
@@ -62,15 +72,18 @@ def assert_values_and_gradients_match(fast, slow, params, real=None, tol=1e-10, 
         assert max_abs_diff(a, b) < grad_tol
 
 
-def flex_and_blocked(attn, x, mask):
+def assert_flex_equals_blocked(attn, n: int, tol: float = 1e-5) -> None:
     """The same layer's outputs through the CPU block path and through FlexAttention compiled on
-    CPU (forward only), for tests marked slow. Skips where FlexAttention is unavailable."""
+    CPU (forward only) agree on real positions of a random padded batch (2, n, DIM), for tests
+    marked slow. Skips where FlexAttention is unavailable."""
     import pytest
 
     from efficient_transformers.functional import flex
 
     if not flex.flex_available():
         pytest.skip("FlexAttention unavailable")
+    x = torch.randn(2, n, DIM)
+    mask = random_mask(2, n)
     with torch.no_grad():
         blocked = attn(x, mask)
         flex.FORCE_FLEX = True
@@ -78,7 +91,7 @@ def flex_and_blocked(attn, x, mask):
             fast = attn(x, mask)
         finally:
             flex.FORCE_FLEX = None
-    return fast, blocked
+    assert max_abs_diff(fast[mask], blocked[mask]) < tol
 
 
 def linear_attention_oracle(attn, x, mask):

@@ -10,7 +10,10 @@ import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.global_local import BigBirdPattern, bigbird_attention
 from efficient_transformers.functional.patterns import dense_pattern_mask
-from helpers import flex_and_blocked, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
+from helpers import (
+    assert_classifier_trains, assert_flex_equals_blocked, assert_values_and_gradients_match,
+    max_abs_diff, random_mask, small_attention,
+)
 
 
 
@@ -100,22 +103,13 @@ def test_options_are_checked():
 
 
 def test_model_trains(one_thread):
-    torch.manual_seed(0)
-    model = et.build_model("bigbird", task="classify", vocab_size=13, dim=16, depth=2, heads=2,
-                           max_len=40, block_size=4, num_random_blocks=2, num_global=1)
-    tokens = torch.randint(0, 13, (4, 33))
-    labels = tokens[:, 0] % 2
-    losses = train_losses(model, tokens, labels, lr=1e-2)
-    assert losses[-1] < losses[0]
+    assert_classifier_trains("bigbird", block_size=4, num_random_blocks=2, num_global=1)
 
 
 @pytest.mark.slow  # compiles FlexAttention on CPU (about a minute)
 def test_flex_forward_equals_blocked_path_on_cpu():
     attn = small_attention("bigbird", dtype=torch.float32)
-    x = torch.randn(2, 37, 16)
-    mask = random_mask(2, 37)
-    fast, blocked = flex_and_blocked(attn, x, mask)
-    assert max_abs_diff(fast[mask], blocked[mask]) < 1e-5
+    assert_flex_equals_blocked(attn, 37)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import masked_softmax, naive_attention
 from efficient_transformers.functional.global_local import etc_attention, etc_dense_bias
-from helpers import max_abs_diff, random_mask, small_attention, train_losses
+from helpers import assert_classifier_trains, max_abs_diff, random_mask, small_attention
 
 
 
@@ -116,10 +116,4 @@ def test_bad_global_inputs_are_refused():
 
 
 def test_model_trains(one_thread):
-    torch.manual_seed(0)
-    model = et.build_model("etc", task="classify", vocab_size=13, dim=16, depth=2, heads=2,
-                           max_len=40, window=3, num_global=2, max_distance=4)
-    tokens = torch.randint(0, 13, (4, 33))
-    labels = tokens[:, 0] % 2
-    losses = train_losses(model, tokens, labels, lr=1e-2)
-    assert losses[-1] < losses[0]
+    assert_classifier_trains("etc", window=3, num_global=2, max_distance=4)

@@ -114,9 +114,6 @@ def build_attention(name: str, dim: int = 256, heads: int = 4, causal: bool = Fa
     """Build the attention layer `name`: an nn.Module mapping (B, N, dim) -> (B, N, dim)."""
     cls = attention_class(name)
     check_options(name, options)
-    if causal and not cls.spec.decode:
-        raise ValueError(f"causal: {name!r} cannot be causal: the survey lists {cls.spec.title} "
-                         f"as not decodable (its attention mixes every position with every other)")
     return cls(dim=dim, heads=heads, causal=causal, **options)
 
 

@@ -60,6 +60,11 @@ class Attention(nn.Module):
             raise ValueError(f"dim: expected a multiple of heads={heads}, got {dim}")
         if not isinstance(causal, bool):
             raise ValueError(f"causal: expected True or False, got {causal!r}")
+        spec = getattr(type(self), "spec", None)
+        if causal and spec is not None and not spec.decode:
+            raise ValueError(f"causal: {spec.name!r} cannot be causal: the survey lists "
+                             f"{spec.title} as not decodable (its attention mixes every position "
+                             f"with every other)")
         self.dim, self.heads, self.causal = dim, heads, causal
         self.head_dim = dim // heads
         self.max_len: int | None = None  # a mechanism with a fixed maximum length sets it

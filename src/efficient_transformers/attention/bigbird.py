@@ -34,9 +34,6 @@ class BigBirdAttention(Attention):
     def __init__(self, dim: int, heads: int, causal: bool = False, block_size: int = 64,
                  num_random_blocks: int = 3, num_global: int = 2):
         super().__init__(dim, heads, causal)
-        if causal:
-            raise ValueError("causal: bigbird cannot be causal: its global and random blocks mix "
-                             "every position with every other (survey Table 1: no decode)")
         self.block_size = check_positive_int("block_size", block_size)
         self.num_random_blocks = check_positive_int("num_random_blocks", num_random_blocks, minimum=0)
         self.num_global = check_positive_int("num_global", num_global, minimum=0)

@@ -39,9 +39,6 @@ class ETCAttention(Attention):
     def __init__(self, dim: int, heads: int, causal: bool = False, window: int = 84,
                  num_global: int = 8, max_distance: int = 12):
         super().__init__(dim, heads, causal)
-        if causal:
-            raise ValueError("causal: etc cannot be causal: its global tokens read the whole long "
-                             "input (survey Table 1: no decode)")
         self.window = check_positive_int("window", window)
         self.num_global = check_positive_int("num_global", num_global)
         self.max_distance = check_positive_int("max_distance", max_distance)
