@@ -30,14 +30,14 @@ import math
 
 from ..functional.axial import axial_attention, grid_shape
 from ..functional.flex import flex_pattern_attention, use_flex
-from ..functional.patterns import Axial, cached_decode
+from ..functional.patterns import Axial
 from ..registry import register
 from .image_transformer import check_shape
-from .transformer import DenseAttention
+from .transformer import PatternAttention
 
 
 @register("axial_transformer")
-class AxialTransformerAttention(DenseAttention):
+class AxialTransformerAttention(PatternAttention):
     small_options = {"shape": (5, 8)}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, shape=None):
@@ -56,17 +56,11 @@ class AxialTransformerAttention(DenseAttention):
             return flex_pattern_attention(q, k, v, self.pattern(n), mask)
         return axial_attention(q, k, v, grid_shape(n, self.shape), self.causal, mask)[0]
 
-    def attend(self, x, mask):
-        q, k, v = self.qkv(x)
-        return self.to_out(self.merge_heads(self.core(q, k, v, mask)))
-
     def decode_step(self, x_new, state):
         if self.shape is None:
             raise ValueError("shape: decode needs a fixed shape; shape=None derives the grid "
                              "from the full length")
-        q, k, v = self.qkv(x_new)
-        out, state = cached_decode(q, k, v, state, [self.pattern(0)], self.core)
-        return self.to_out(self.merge_heads(out)), state
+        return self.pattern_decode(x_new, state, [self.pattern(0)])
 
     def extra_repr(self):
         return f"{super().extra_repr()}, shape={self.shape}"

@@ -23,11 +23,11 @@ from typing import Any
 
 from ..functional.axial import grid_shape
 from ..functional.flex import flex_pattern_attention, use_flex
-from ..functional.patterns import (ImageLocal1D, ImageLocal2D, cached_decode, image2d_attention,
+from ..functional.patterns import (ImageLocal1D, ImageLocal2D, image2d_attention,
                                    pattern_attention)
 from ..registry import register
 from .base import check_choice, check_positive_int
-from .transformer import DenseAttention
+from .transformer import PatternAttention
 
 
 def check_int_pair(argument: str, value: Any, minimum: int = 1) -> tuple[int, int]:
@@ -54,7 +54,7 @@ def check_shape(value: Any, min_axes: int = 2, max_axes: int | None = None):
 
 
 @register("image_transformer")
-class ImageTransformerAttention(DenseAttention):
+class ImageTransformerAttention(PatternAttention):
     small_options = {"mode": "2d", "shape": (6, 7), "query_shape": (2, 3), "memory_flange": (2, 2)}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, mode: str = "1d",
@@ -85,17 +85,11 @@ class ImageTransformerAttention(DenseAttention):
             return pattern_attention(q, k, v, pattern, self.block_size, mask)
         return image2d_attention(q, k, v, pattern, mask)
 
-    def attend(self, x, mask):
-        q, k, v = self.qkv(x)
-        return self.to_out(self.merge_heads(self.core(q, k, v, mask)))
-
     def decode_step(self, x_new, state):
         if self.mode == "2d" and self.shape is None:
             raise ValueError("shape: decode in mode '2d' needs a fixed image shape (H, W); "
                              "shape=None derives the grid from the full length")
-        q, k, v = self.qkv(x_new)
-        out, state = cached_decode(q, k, v, state, [self.pattern(0)], self.core)
-        return self.to_out(self.merge_heads(out)), state
+        return self.pattern_decode(x_new, state, [self.pattern(0)])
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, mode={self.mode!r}, block_size={self.block_size}, "

@@ -25,11 +25,11 @@ from ..functional.axial import strided_column_attention
 from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
 from ..functional.flex import flex_pattern_attention, use_flex
 from ..functional.merge import attention_with_lse, merge_attention_parts
-from ..functional.patterns import (BlockLocal, Fixed, LocalWindow, Strided, cached_decode,
+from ..functional.patterns import (BlockLocal, Fixed, LocalWindow, Strided,
                                    pattern_attention, pattern_attention_with_lse)
 from ..registry import register
 from .base import check_choice, check_positive_int
-from .transformer import DenseAttention
+from .transformer import PatternAttention
 
 
 def summary_attention(q, k, v, stride: int, summary: int, causal: bool, skip_own_block: bool,
@@ -59,7 +59,7 @@ def summary_attention(q, k, v, stride: int, summary: int, causal: bool, skip_own
 
 
 @register("sparse_transformer")
-class SparseTransformerAttention(DenseAttention):
+class SparseTransformerAttention(PatternAttention):
     small_options = {"pattern": "strided", "stride": 4, "summary_size": 2}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, pattern: str = "strided",
@@ -110,14 +110,8 @@ class SparseTransformerAttention(DenseAttention):
             second = summary_attention(q2, k2, v2, l, self.summary_size, causal, False, mask)[0]
         return torch.cat([first, second], dim=1)
 
-    def attend(self, x, mask):
-        q, k, v = self.qkv(x)
-        return self.to_out(self.merge_heads(self.core(q, k, v, mask)))
-
     def decode_step(self, x_new, state):
-        q, k, v = self.qkv(x_new)
-        out, state = cached_decode(q, k, v, state, self.patterns(), self.core)
-        return self.to_out(self.merge_heads(out)), state
+        return self.pattern_decode(x_new, state, self.patterns())
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, pattern={self.pattern!r}, stride={self.stride}, "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..functional.dense import sdpa_attention
+from ..functional.patterns import cached_decode
 from ..registry import register
 from .base import Attention
 
@@ -37,3 +38,22 @@ class DenseAttention(Attention):
         length = k.shape[2]
         out = sdpa_attention(q, k, v, causal=True, offset=length - q.shape[2])
         return self.to_out(self.merge_heads(out)), {"k": k, "v": v, "length": length}
+
+
+class PatternAttention(DenseAttention):
+    """A dense layer's projections around a sparse `core(q, k, v, mask)` (B, H, N, d) ->
+    (B, H, N, d); decode with a KV cache restricted to the mechanism's patterns."""
+
+    def core(self, q, k, v, mask=None):
+        raise NotImplementedError
+
+    def attend(self, x, mask):
+        q, k, v = self.qkv(x)
+        return self.to_out(self.merge_heads(self.core(q, k, v, mask)))
+
+    def pattern_decode(self, x_new, state, patterns):
+        """One decode step against the cache, each new query restricted to `patterns`
+        (`functional.patterns.cached_decode`)."""
+        q, k, v = self.qkv(x_new)
+        out, state = cached_decode(q, k, v, state, patterns, self.core)
+        return self.to_out(self.merge_heads(out)), state
