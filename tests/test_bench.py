@@ -149,6 +149,34 @@ def test_peers_without_their_packages_are_reported_not_installed(tmp_path, monke
                                                "lucidrains_performer_causal"}
 
 
+def test_peers_run_beside_their_pair_and_at_the_peers_settings():
+    from efficient_transformers.bench.analysis import peer_rows
+    from efficient_transformers.bench.peers import PEERS
+
+    cases = build_cases(BenchConfig(models=["transformer", "routing_transformer", "performer"],
+                                    peers=True, modes=("fwdbwd",), lengths=(256, 1024)))
+    order = [(c["n"], c["label"]) for c in cases]
+    assert order[:6] == [(256, "transformer"), (256, "routing_transformer"),
+                         (256, "routing_transformer [peer settings]"),
+                         (256, "lucidrains_routing"), (256, "performer"),
+                         (256, "lucidrains_performer")]
+    assert order[6:8] == [(256, "performer (causal)"), (256, "lucidrains_performer_causal")]
+    # routing runs again with the peer's settings: every head routed, clusters of 128 tokens
+    matched = [c for c in cases if c.get("pair") == "lucidrains_routing"]
+    assert [c["options"] for c in matched] == [{"local_heads": 0, "num_clusters": 2},
+                                               {"local_heads": 0, "num_clusters": 8}]
+    assert all(c["kind"] == "ours" and c["target"] == "routing_transformer" for c in matched)
+    # the ratio compares the peer with that series, not with the default one
+    def rec(label, kind, target, ms):
+        return {"label": label, "kind": kind, "target": target, "mode": "fwdbwd", "n": 256,
+                "status": "ok", "time_ms": ms, "peak_mib": 1.0}
+    rows = peer_rows([rec("routing_transformer", "ours", "routing_transformer", 30.0),
+                      rec(PEERS["lucidrains_routing"].ours_label, "ours", "routing_transformer",
+                          20.0),
+                      rec("lucidrains_routing", "peer", "lucidrains_routing", 40.0)])
+    assert [r["time_ratio"] for r in rows] == [0.5]
+
+
 def test_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):
     code = main(["bench", "--models", "transformer", "--lengths", "64,128", "--dim", "32",
                  "--heads", "2", "--repeats", "1", "--modes", "fwd", "--out", str(tmp_path),

@@ -208,6 +208,31 @@ def test_fused_layer_form_gradient_of_a_sum(causal):
     assert all(max_abs_diff(a, b) < 1e-12 for a, b in zip(fast, slow))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_layer_form_with_a_fully_padded_sequence(causal, batch):
+    # the last sequence has no real key: normaliser 0, output 0 there with the reference's
+    # gradients (`safe_divide`); batch 1 is the benchmark's shape (one element, no batch loop)
+    x, weight, bias, gen = layer_inputs(seed=5)
+    x = x[:batch].detach().requires_grad_()
+    mask = random_mask(batch, N, generator=gen)
+    mask[-1] = False
+    fast = projected_elu_linear_attention(x, weight, bias, HEADS, causal, mask, 4)
+    slow = composed_layer_form(x, weight, bias, HEADS, causal, mask, 4)
+    assert fast[-1].abs().max() == 0
+    assert_values_and_gradients_match(fast, slow, [x, weight, bias], tol=1e-12)
+
+
+def test_fused_layer_form_runs_backward_once():
+    # non-causal backward overwrites the saved features with their gradients: a second
+    # backward through the same graph must raise, not return wrong gradients
+    x, weight, bias, _ = layer_inputs(seed=6)
+    out = projected_elu_linear_attention(x, weight, bias, HEADS).square().sum()
+    torch.autograd.grad(out, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_fused_layer_form_low_precision(dtype, causal):

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.kmeans import (
-    balanced_allowed, balanced_members, centroid_scores, ema_centroids, window_allowed,
+    balanced_allowed, balanced_members, centroid_scores, ema_centroids, routed_attention,
+    unit_vectors, window_allowed,
 )
+from efficient_transformers.functional.routed import routed_heads
 from helpers import assert_equals_dense_attention, assert_values_and_gradients_match, max_abs_diff, random_mask
 
 DIM, HEADS, N = 16, 2, 23
@@ -80,6 +82,62 @@ def test_fast_path_equals_oracle(causal, padded, local_heads):
     x = torch.randn(2, N, DIM, dtype=torch.float64, generator=gen)
     mask = random_mask(2, N, generator=gen) if padded else None
     compare_with_oracle(attn, x, mask)
+
+
+@pytest.mark.parametrize("padding", ["none", "some", "a whole row"])
+def test_fused_routed_heads_equal_the_composed_reference(padding):
+    """The CPU node (gather, attention, average in one, from the projection) against gather +
+    SDPA + scatter on q, k, v views, on values and on the projection's gradient."""
+    torch.manual_seed(1)
+    b, heads, h0, n, d, c = 2, 4, 1, 40, 8, 5
+    qkv = torch.randn(b, n, 3 * heads * d, dtype=torch.float64, requires_grad=True)
+    q, k, v = (t.view(b, n, heads, d).transpose(1, 2)[:, h0:] for t in qkv.chunk(3, dim=-1))
+    real = torch.ones(b, n, dtype=torch.bool)
+    if padding != "none":
+        real = random_mask(b, n)
+    if padding == "a whole row":
+        real[1] = False
+    mu = F.normalize(torch.randn(heads - h0, c, d, dtype=torch.float64), dim=-1)
+    members = [balanced_members(centroid_scores(F.normalize(t, dim=-1), mu), n // c + 2, real)
+               for t in (q, k)]  # overlapping clusters: some queries in several, some in none
+    fused, loss = routed_heads(qkv, heads, h0, *members, real)
+    assert loss.item() == 0.0
+    reference = routed_attention(q, k, v, *members, real)
+    assert_values_and_gradients_match(fused, reference, [qkv], tol=1e-12)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("local_heads", [0, 1])
+def test_fused_routing_layer_equals_the_composed_layer_with_its_loss(padded, local_heads):
+    """The whole layer, fused CPU node against the composition: outputs, commitment loss, the
+    gradients of both (x and every parameter), and the same centroid update in training."""
+    x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, N) if padded else None
+    results = []
+    for fused in (True, False):
+        attn = build(False, local_heads=local_heads, commitment=0.3).train()
+        attn.fused_cpu = fused
+        y = attn(x, mask)
+        up = torch.randn_like(y, generator=torch.Generator().manual_seed(3))
+        params = [x] + list(attn.parameters())
+        grads = torch.autograd.grad([y, attn.aux_loss], params, [up, torch.tensor(2.0).double()])
+        results.append((y, attn.aux_loss, grads, attn.centroids))
+    (y1, a1, g1, c1), (y2, a2, g2, c2) = results
+    real = torch.ones(2, N, 1, dtype=torch.bool) if mask is None else mask[..., None]
+    assert max_abs_diff(y1 * real, y2 * real) < 1e-12
+    assert abs(a1.item() - a2.item()) < 1e-14
+    for a, b in zip(g1, g2):
+        assert max_abs_diff(a, b) < 1e-10
+    assert max_abs_diff(c1, c2) < 1e-14
+
+
+def test_unit_vectors_equal_normalize_with_gradients():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    x[0, 0, 0] = 0.0      # a zero vector and one below eps: the divisor is the constant eps
+    x[0, 0, 1] = 1e-14
+    x = x.transpose(1, 2).requires_grad_()  # strided, as the heads of a projection
+    assert_values_and_gradients_match(unit_vectors(x), F.normalize(x, dim=-1), [x], tol=1e-12)
 
 
 def test_oracle_with_a_small_window_and_many_clusters():

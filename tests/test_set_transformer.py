@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import efficient_transformers as et
+from efficient_transformers.attention import set_transformer
+from efficient_transformers.attention.set_transformer import MultiheadAttention
 from efficient_transformers.functional.dense import naive_attention, padding_allowed
+from efficient_transformers.functional.folded_cross import KEYS, QUERIES, fold_choice
 from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
 N = 23
@@ -37,6 +40,65 @@ def test_layer_equals_oracle_values_and_gradients(padded):
     mask = random_mask(2, N) if padded else None
     fast, slow = attn(x, mask), oracle(attn, x, mask)
     assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12)
+
+
+def padded_with_an_empty_row(batch, n):
+    """random_mask with its last batch row fully padded (that row attends to all keys)."""
+    mask = random_mask(batch, n)
+    mask[-1] = False
+    return mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("n_queries, n_keys, form", [(N, 4, QUERIES), (4, N, KEYS)])
+def test_folded_forms_equal_the_unfolded_reference(n_queries, n_keys, form, padded):
+    """Both folded forms of Multihead(X, Y, Y), chosen by the FLOP rule at these sizes, match
+    the unfolded one: values and gradients for x, y and every parameter."""
+    assert fold_choice(n_queries, n_keys, DIM, 2) == form
+    torch.manual_seed(0)
+    mha = MultiheadAttention(DIM, 2).double()
+    x = torch.randn(2, n_queries, DIM, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, n_keys, DIM, dtype=torch.float64, requires_grad=True)
+    mask = padded_with_an_empty_row(2, n_keys) if padded else None
+    fast, slow = mha(x, y, mask), mha(x, y, mask, folded=False)
+    assert_values_and_gradients_match(fast, slow, [x, y] + list(mha.parameters()), tol=1e-12)
+    if form == KEYS:  # the key bias is constant along the keys: zero gradient by definition
+        bk_grad = lambda out: torch.autograd.grad(out.sum(), mha.to_kv.bias)[0][:DIM]
+        assert bk_grad(mha(x, y, mask, folded=False)).abs().max() < 1e-12
+        assert not bk_grad(mha(x, y, mask)).any()
+
+
+def test_layer_folded_equals_unfolded_with_an_empty_row(monkeypatch):
+    """The registered layer (its MAB(I, X) folds the keys, Multihead(X, H, H) the queries)
+    against itself with every attention unfolded, a fully padded batch row included."""
+    attn = small_attention("set_transformer")
+    assert fold_choice(4, N, DIM, 2) == KEYS and fold_choice(N, 4, DIM, 2) == QUERIES
+    x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = padded_with_an_empty_row(2, N)
+    fast = attn(x, mask)
+    monkeypatch.setattr(set_transformer, "fold_choice", lambda *args: None)
+    slow = attn(x, mask)
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12)
+
+
+def test_flop_rule_keeps_the_unfolded_form_where_folding_costs_more():
+    # H·M = 64 > dim + M = 32 and likewise for the keys: folding would add work
+    assert fold_choice(20, 16, DIM, 4) is None
+    torch.manual_seed(0)
+    mha = MultiheadAttention(DIM, 4).double()
+    x = torch.randn(2, 20, DIM, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 16, DIM, dtype=torch.float64, requires_grad=True)
+    mask = padded_with_an_empty_row(2, 16)
+    assert torch.equal(mha(x, y, mask), mha(x, y, mask, folded=False))
+    # forced folding is still the same function, though more work here
+    assert fold_choice(20, 16, DIM, 4, folded=True) == QUERIES
+    assert_values_and_gradients_match(mha(x, y, mask, folded=True), mha(x, y, mask, folded=False),
+                                      [x, y] + list(mha.parameters()), tol=1e-12)
+    # self-attention (SAB) never folds with several heads; the benchmark shape folds both sides
+    assert fold_choice(16, 16, 512, 8) is None
+    assert fold_choice(4096, 64, 512, 8) == QUERIES and fold_choice(64, 4096, 512, 8) == KEYS
+    with pytest.raises(ValueError, match="folded"):
+        mha(x, y, folded="yes")
 
 
 def test_isab_layer_is_permutation_equivariant():

@@ -10,8 +10,9 @@ Computation runs in at least float32 (the normaliser z sums N positive terms, wh
 fp16), then casts back to the input dtype.
 
 Forward (both forms) runs as `functional.fused_linear.projected_elu_linear_attention`: projection,
-feature map and attention in one autograd node, head by head, saving φ(q), φ(k), v only; decode
-uses the generic parts of `KernelAttention`.
+feature map and attention in one autograd node (non-causal: all heads at once, its backward
+runs once; causal: head by head, chunked), saving φ(q), φ(k), v only; decode uses the generic
+parts of `KernelAttention`.
 """
 
 from __future__ import annotations

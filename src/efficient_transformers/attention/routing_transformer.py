@@ -17,6 +17,11 @@ cluster (C batched k x k blocks, O(N k) = O(N^1.5) for C = sqrt(N)); a query sel
 clusters averages their outputs, a query selected by none gets 0 from the routing heads. Padded
 tokens rank last, so they never displace a real token.
 
+On CPU (float32/64) the non-causal routing heads run as one autograd node (functional/routed.py:
+attention in each cluster, the average and the commitment loss, with a hand-written backward;
+the routing decisions carry no gradient); elsewhere as the composition (`unit_vectors`,
+`routed_attention`: gather, SDPA, scatter; `commitment_loss`). Tests compare the two.
+
 Causal form (differs from the paper): balanced top-k over the whole sequence lets future tokens
 change which past tokens a query sees, so the causal variant does not balance. Each token is
 routed once, by the nearest centroid to normalise(q_hat + k_hat), and a query attends to the most
@@ -36,8 +41,10 @@ from torch import nn
 
 from ..functional.kmeans import (
     balanced_members, centroid_scores, commitment_loss, ema_centroids, group_ranks,
-    grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group, unpermute,
+    grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group,
+    unit_parts, unit_vectors, unpermute,
 )
+from ..functional.routed import Commitment, routed_heads
 from ..registry import register
 from .base import Attention, check_positive_int
 
@@ -45,6 +52,7 @@ from .base import Attention, check_positive_int
 @register("routing_transformer")
 class RoutingAttention(Attention):
     small_options = {"num_clusters": 3, "window": 4, "local_heads": 1}
+    fused_cpu = True  # see `uses_fused_routing`
 
     def __init__(self, dim: int, heads: int, causal: bool = False, num_clusters: int = 32,
                  window: int = 128, local_heads: int | None = None, decay: float = 0.999,
@@ -79,7 +87,7 @@ class RoutingAttention(Attention):
     # ------------------------------------------------------------------------ routing
     def route_vectors(self, q, k):
         """Unit vectors used for routing: (q_hat, k_hat), or the shared one when causal."""
-        q_hat, k_hat = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q_hat, k_hat = unit_vectors(q), unit_vectors(k)
         if self.causal:
             return F.normalize(q_hat + k_hat, dim=-1), None
         return q_hat, k_hat
@@ -103,11 +111,31 @@ class RoutingAttention(Attention):
         loss = sum(commitment_loss(x, b.values, b.indices, self.centroids, real)
                    for x, b in zip(vectors, best)) / len(vectors)
         self.aux_loss = self.commitment * loss
+        self.ema_step(vectors, [b.indices for b in best], real)
+
+    def ema_step(self, vectors, assign, real):
+        """In training, move the centroids towards the vectors assigned to them (after routing)."""
         if self.training:
             new = self.centroids
-            for x, b in zip(vectors, best):
-                new = ema_centroids(new, x, b.indices, real, self.decay)
+            for x, a in zip(vectors, assign):
+                new = ema_centroids(new, x.detach(), a, real, self.decay)
             self.centroids = new  # a new tensor: the graph of this call keeps the old one
+
+    def fused_routing(self, qkv, q, k, real):
+        """CPU fast path of the non-causal routing heads (functional/routed.py): the routing
+        decisions without autograd, then one node for attention and commitment loss."""
+        n, mu = q.shape[2], self.centroids.detach()
+        size = min(n, math.ceil(n / self.num_clusters))
+        with torch.no_grad():
+            units = [unit_parts(t) for t in (q, k)]        # (x̂, |x|, clamped) per side
+            scores = [centroid_scores(u[0], mu) for u in units]
+            members = [balanced_members(sc, size, real) for sc in scores]
+            best = [tuple(sc.max(dim=-1)) for sc in scores]
+        commitment = Commitment(units, best, mu, real, self.commitment)
+        out, self.aux_loss = routed_heads(qkv, self.heads, self.local_heads, *members, real,
+                                          commitment)
+        self.ema_step([u[0] for u in units], [b[1] for b in best], real)
+        return out
 
     def routing(self, q, k, v, real):
         """Routing heads: q, k, v (B, Hr, N, d), real (B, N) -> (B, Hr, N, d)."""
@@ -133,6 +161,12 @@ class RoutingAttention(Attention):
         self.learn([q_hat, k_hat], [sq, sk], real)
         return routed_attention(q, k, v, q_members, k_members, real)
 
+    def uses_fused_routing(self, qkv) -> bool:
+        """The non-causal routing heads take the fused CPU node (float32/64), unless
+        `fused_cpu` is switched off (tests compare the two)."""
+        return (self.fused_cpu and not self.causal and self.routing_heads > 0
+                and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64))
+
     def local(self, q, k, v, real):
         """Local heads: sliding window of `window` tokens. (B, Hl, N, d) -> (B, Hl, N, d)."""
         return grouped_window_attention(q, k, v, None, real, self.window, self.causal)
@@ -140,14 +174,18 @@ class RoutingAttention(Attention):
     def attend(self, x, mask):
         b, n, _ = x.shape
         real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
-        q, k, v = self.qkv(x)
+        qkv = self.to_qkv(x)                                    # (B, N, 3·dim)
+        q, k, v = [self.split_heads(t) for t in qkv.chunk(3, dim=-1)]
         hl = self.local_heads
         outs = []
         if hl:
             outs.append(self.local(q[:, :hl], k[:, :hl], v[:, :hl], mask))
-        if self.routing_heads:
+        if self.uses_fused_routing(qkv):
+            outs.append(self.fused_routing(qkv, q[:, hl:], k[:, hl:], real))
+        elif self.routing_heads:
             outs.append(self.routing(q[:, hl:], k[:, hl:], v[:, hl:], real))
-        return self.to_out(self.merge_heads(torch.cat(outs, dim=1)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.to_out(self.merge_heads(out))
 
     # ------------------------------------------------------------------------- decode
     def decode_step(self, x_new, state):

@@ -11,6 +11,10 @@ its own residual and feed-forward): y = Multihead(X, H, H) with H = MAB(I, X), s
 O(N·m) with m = `num_inducing` and never forms an N × N tensor. Padded elements (mask False) are
 excluded as keys from MAB(I, X), so they never change the outputs of real elements; the layer is
 permutation-equivariant. No decode (survey Table 1).
+
+Both of the layer's attentions have one short side (m rows), so `MultiheadAttention` folds that
+side's projections into the long side's GEMMs (functional/folded_cross.py) where a FLOP count
+says it is less work: the same function, with `MultiheadAttention.unfolded` as the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional.folded_cross import (KEYS, QUERIES, fold_choice, key_folded_attention,
+                                       query_folded_attention, real_or_all)
 from ..registry import register
 from .base import Attention, check_positive_int
 
@@ -29,12 +35,16 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     A batch row with no real key attends to all keys (it has no real output to protect)."""
     if key_mask is None:
         return F.scaled_dot_product_attention(q, k, v)
-    allowed = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+    allowed = real_or_all(key_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :])
 
 
 class MultiheadAttention(nn.Module):
-    """Multihead(X, Y, Y): X (B, N, dim) queries, Y (B, M, dim) keys and values."""
+    """Multihead(X, Y, Y): X (B, N, dim) queries, Y (B, M, dim) keys and values.
+
+    With few keys (ISAB's Multihead(X, H, H)) or few queries (MAB(I, X) inside it) the forward
+    folds the projections of one side into the other side's GEMMs (functional/folded_cross.py):
+    the same function with fewer multiply-adds, chosen by `fold_choice`."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -46,7 +56,24 @@ class MultiheadAttention(nn.Module):
     def split(self, t):  # (B, N, H*d) -> (B, H, N, d)
         return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
-    def forward(self, x, y, key_mask=None):
+    def forward(self, x, y, key_mask=None, folded: bool | None = None):
+        """key_mask (B, M), True = real key. `folded`: None picks the form with the fewest
+        multiply-adds, True the cheaper folded form, False the unfolded reference."""
+        form = fold_choice(x.shape[1], y.shape[1], x.shape[2], self.heads, folded)
+        if form is None:
+            return self.unfolded(x, y, key_mask)
+        if form == QUERIES:  # few keys: q and output projections absorbed into k and v
+            k, v = self.to_kv(y).chunk(2, dim=-1)                          # (B, M, dim) each
+            return query_folded_attention(x, k, v, self.heads, self.to_q.weight, self.to_q.bias,
+                                          self.to_out.weight, self.to_out.bias, key_mask)
+        assert form == KEYS  # few queries: k and v projections absorbed into q
+        wk, wv = self.to_kv.weight.chunk(2)
+        bv = None if self.to_kv.bias is None else self.to_kv.bias.chunk(2)[1]
+        out = key_folded_attention(self.to_q(x), y, self.heads, wk, wv, bv, key_mask)
+        return self.to_out(out)                                             # (B, N, dim)
+
+    def unfolded(self, x, y, key_mask=None):
+        """The reference form: project q, k, v, attend per head, project the merged heads."""
         q = self.split(self.to_q(x))
         k, v = [self.split(t) for t in self.to_kv(y).chunk(2, dim=-1)]
         out = cross_attention(q, k, v, key_mask)

@@ -148,14 +148,13 @@ def ratio_table(records, ref: str, mode: str = "fwdbwd") -> dict[str, dict[int, 
 
 def peer_rows(records) -> list[dict[str, Any]]:
     """ours / peer for every peer in the run, per mode and N (time and memory)."""
-    from .config import label as make_label
     from .peers import PEERS
 
     rows = []
     peer_names = [n for n in dict.fromkeys(r["target"] for r in records if r["kind"] == "peer")]
     for name in peer_names:
         peer = PEERS[name]
-        ours_label = make_label(peer.ours, peer.causal, "fwdbwd")
+        ours_label = peer.ours_label
         modes = dict.fromkeys(r["mode"] for r in records if r["target"] == name)
         for mode in modes:
             for r in sorted((r for r in records if r["target"] == name and r["mode"] == mode),

@@ -21,6 +21,12 @@ imported unless `--peers` runs it; a package that is missing is reported as "not
 | hf_longformer                | transformers                  | longformer                | LongformerAttention, window 512 |
 | hf_bigbird                   | transformers                  | bigbird                   | whole 1-layer BigBirdModel, block 64, 3 random |
 
+Where our defaults differ from the peer's settings, `Peer.options(n)` gives the options that set
+our mechanism to the peer's settings at length n, and the paired case of ours runs with them under
+its own label (`routing_transformer [peer settings]`): the ratio compares the same configuration.
+Only `routing_transformer` needs it: by default it mixes local heads with routed heads and keeps 32
+clusters, while the peer routes every head into clusters of `window_size` = 128 tokens.
+
 `lucidrains_local` pairs with `image_transformer` because Parmar et al.'s 1-D local attention
 (query blocks over a neighbourhood of memory blocks) is the survey's local-window model. The
 BigBird peer is a whole one-layer model (embeddings' LayerNorm and the MLP included), as in
@@ -31,12 +37,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .config import grid_shape
+from .config import grid_shape, label
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,14 @@ class Peer:
     causal: bool
     settings: str
     build: Callable[[int, int, int], nn.Module]   # (dim, heads, n) -> module (B, N, dim) -> same
+    options: Callable[[int], dict[str, Any]] | None = None  # n -> ours at the peer's settings
+
+    @property
+    def ours_label(self) -> str:
+        """The series of ours this peer is compared with: 'performer (causal)', or, with
+        options, 'routing_transformer [peer settings]'."""
+        base = label(self.ours, self.causal, "fwdbwd")
+        return base if self.options is None else f"{base} [peer settings]"
 
 
 class _First(nn.Module):
@@ -106,6 +120,10 @@ def _routing(dim, heads, n):
 
     return _First(SelfAttention(dim, depth=1, max_seq_len=n, heads=heads, local_attn_heads=0,
                                 window_size=128, dim_head=dim // heads))
+
+
+def _routing_options(n):  # every head routed; clusters of 128 tokens, as window_size=128
+    return {"local_heads": 0, "num_clusters": max(1, n // 128)}
 
 
 def _linear(causal):
@@ -186,7 +204,8 @@ PEERS: dict[str, Peer] = {p.name: p for p in [
     Peer("lucidrains_sinkhorn", "sinkhorn-transformer", "sinkhorn_transformer",
          "sinkhorn_transformer", False, "bucket 128", _sinkhorn),
     Peer("lucidrains_routing", "routing-transformer", "routing_transformer",
-         "routing_transformer", False, "all heads routed, window 128", _routing),
+         "routing_transformer", False, "all heads routed, window 128", _routing,
+         options=_routing_options),
     Peer("lucidrains_linear", "linear-attention-transformer", "linear_attention_transformer",
          "linear_transformer", False, "default", _linear(False)),
     Peer("lucidrains_linear_causal", "linear-attention-transformer",

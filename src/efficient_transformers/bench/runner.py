@@ -80,13 +80,35 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
                 runs = [("fwdbwd", False)]
         if kind == "ours" and name in causal_needed and ("fwdbwd", True) not in runs and decodes:
             runs.append(("fwdbwd", True))
-        for mode, causal in runs:
-            for n in sorted(int(n) for n in cfg.lengths):
-                cases.append(dict(base, kind=kind, target=name, mode=mode, causal=causal, n=n,
-                                  label=label(name, causal, mode), registered=name in registered))
-    # Shorter lengths first across all targets: a --budget cut drops the longest cases, and a
-    # timeout at N skips the longer N of the same series.
-    return sorted(cases, key=lambda c: c["n"])
+        lengths = sorted(int(n) for n in cfg.lengths)
+        if kind == "peer" and PEERS[name].options is not None and PEERS[name].ours in registered:
+            peer = PEERS[name]  # ours at the peer's settings, just before the peer's own cases
+            cases += [dict(base, kind="ours", target=peer.ours, mode=mode, causal=causal, n=n,
+                           label=peer.ours_label, options=peer.options(n), registered=True,
+                           pair=name) for mode, causal in runs for n in lengths]
+        cases += [dict(base, kind=kind, target=name, mode=mode, causal=causal, n=n,
+                       label=label(name, causal, mode), registered=name in registered)
+                  for mode, causal in runs for n in lengths]
+    return sorted(cases, key=_case_order(targets))
+
+
+def _case_order(targets: list[tuple[str, str]]):
+    """Sort key: shorter lengths first across all targets (a --budget cut drops the longest
+    cases, and a timeout at N skips the longer N of the same series); at one length, a peer right
+    after the mechanism it pairs with, so that a slow drift of the machine's speed during a run
+    (other load on a shared host) biases ours / peer as little as it can."""
+    from .peers import PEERS
+
+    position = {name: i for i, (_, name) in enumerate(targets)}
+
+    def key(case):
+        name = case.get("pair") or case["target"]
+        if case["kind"] == "peer" or case.get("pair"):
+            peer = PEERS[name]
+            return case["n"], position.get(peer.ours, position[name]), peer.causal
+        return case["n"], position[name], case["causal"]
+
+    return key
 
 
 def _precheck(case: dict[str, Any]) -> dict[str, Any] | None:
@@ -136,7 +158,7 @@ def run_bench(cfg: BenchConfig, write: bool = True) -> dict[str, Any]:
         for case in cases:
             if bar is not None:
                 bar.set_postfix_str(f"{case['label']} {case['mode']} N={case['n']}", refresh=True)
-            key = (case["kind"], case["target"], case["mode"], case["causal"])
+            key = (case["kind"], case["label"], case["mode"], case["causal"])
             result = _precheck(case)
             if result is None and key in failed_at:
                 n0, status = failed_at[key]

@@ -17,6 +17,42 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- k-means pieces
+def unit_parts(x: torch.Tensor, eps: float = 1e-12):
+    """x (..., d) -> (x̂ = x / max(|x|, eps), max(|x|, eps) (..., 1), |x| < eps (..., 1)):
+    `F.normalize(x, dim=-1)` and what its backward needs."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    clamped = norm < eps  # there the divisor is the constant eps
+    norm = norm.clamp_min_(eps)
+    return x / norm, norm, clamped
+
+
+def unit_vectors_grad(g, x_hat, norm, clamped) -> torch.Tensor:
+    """Gradient through x̂ = x / max(|x|, eps) in two passes: (g - x̂ (x̂ · g)) / |x| where
+    |x| >= eps, g / eps elsewhere."""
+    along = torch.linalg.vecdot(x_hat, g, dim=-1)[..., None].masked_fill_(clamped, 0.0)
+    return torch.addcmul(g, x_hat, along, value=-1.0).div_(norm)
+
+
+class _UnitVectors(torch.autograd.Function):
+    """`F.normalize(x, dim=-1)` with the two-pass backward of `unit_vectors_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        x_hat, norm, clamped = unit_parts(x, eps)
+        ctx.save_for_backward(x_hat, norm, clamped)
+        return x_hat
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return unit_vectors_grad(g, *ctx.saved_tensors), None
+
+
+def unit_vectors(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(..., d) -> the same vectors scaled to unit norm, exactly `F.normalize(x, dim=-1, eps)`."""
+    return _UnitVectors.apply(x, eps)
+
+
 def centroid_scores(x_hat: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """x_hat (B, H, N, d) unit vectors, centroids (H, C, d) -> cosine scores (B, H, N, C)."""
     return torch.einsum("bhnd,hcd->bhnc", x_hat, centroids.to(x_hat.dtype))
@@ -45,13 +81,16 @@ def ema_centroids(centroids: torch.Tensor, x_hat: torch.Tensor, assign: torch.Te
     no real token keep their centroid. Returns new unit-norm centroids (H, C, d), no gradient.
     """
     h, c, d = centroids.shape
-    x = x_hat.detach().to(centroids.dtype) * real[:, None, :, None]
-    index = (assign + torch.arange(h, device=assign.device)[:, None] * c).transpose(0, 1)  # (H, B, N)
-    sums = torch.zeros(h * c, d, dtype=centroids.dtype, device=centroids.device)
-    sums.index_add_(0, index.reshape(-1), x.transpose(0, 1).reshape(-1, d))
-    counts = torch.zeros(h * c, dtype=centroids.dtype, device=centroids.device)
-    counts.index_add_(0, index.reshape(-1), real[None].expand(h, -1, -1).reshape(-1).to(centroids.dtype))
-    sums, counts = sums.view(h, c, d), counts.view(h, c, 1)
+    b, _, n = assign.shape
+    dtype = centroids.dtype
+    # members as a weighted one-hot (B, H, N, C): the sums are one batched matmul per head (an
+    # index_add into H·C rows serialises on CPU)
+    weight = real[:, None, :, None].to(dtype).expand(b, h, n, 1)
+    members = torch.zeros(b, h, n, c, dtype=dtype, device=centroids.device)
+    members.scatter_(-1, assign[..., None], weight)
+    x = x_hat.detach().to(dtype)
+    sums = torch.einsum("bhnc,bhnd->hcd", members, x)                       # (H, C, d)
+    counts = members.sum(dim=(0, 2))[..., None]                             # (H, C, 1)
     mean = sums / counts.clamp_min(1.0)
     moved = decay * centroids + (1.0 - decay) * mean
     return F.normalize(torch.where(counts > 0, moved, centroids), dim=-1)
