@@ -162,10 +162,14 @@ def test_peers_run_beside_their_pair_and_at_the_peers_settings():
                          (256, "lucidrains_performer")]
     assert order[6:8] == [(256, "performer (causal)"), (256, "lucidrains_performer_causal")]
     # routing runs again with the peer's settings: every head routed, clusters of 128 tokens
-    matched = [c for c in cases if c.get("pair") == "lucidrains_routing"]
+    matched = [c for c in cases if c.get("for_peer") == "lucidrains_routing"]
     assert [c["options"] for c in matched] == [{"local_heads": 0, "num_clusters": 2},
                                                {"local_heads": 0, "num_clusters": 8}]
     assert all(c["kind"] == "ours" and c["target"] == "routing_transformer" for c in matched)
+    # the peer's own case carries its pair: its worker also times ours, alternating
+    peer_case = next(c for c in cases if c["target"] == "lucidrains_routing" and c["n"] == 1024)
+    assert peer_case["pair"] == {"target": "routing_transformer", "causal": False,
+                                 "options": {"local_heads": 0, "num_clusters": 8}}
     # the ratio compares the peer with that series, not with the default one
     def rec(label, kind, target, ms):
         return {"label": label, "kind": kind, "target": target, "mode": "fwdbwd", "n": 256,
@@ -175,6 +179,32 @@ def test_peers_run_beside_their_pair_and_at_the_peers_settings():
                           20.0),
                       rec("lucidrains_routing", "peer", "lucidrains_routing", 40.0)])
     assert [r["time_ratio"] for r in rows] == [0.5]
+
+
+def test_peer_ratio_comes_from_alternating_runs_in_one_process(tmp_path, monkeypatch):
+    from torch import nn
+
+    from efficient_transformers.bench import peers
+
+    fake = peers.Peer("fake_peer", "fake-package", "torch", "transformer", False, "a linear map",
+                      lambda dim, heads, n: nn.Linear(dim, dim))
+    monkeypatch.setitem(peers.PEERS, "fake_peer", fake)
+    cfg = BenchConfig(models=["transformer", "fake_peer"], modes=("fwdbwd",), out=str(tmp_path),
+                      isolate=False, **dict(TINY, repeats=3))
+    results = run_bench(cfg)
+    peer_record = next(r for r in results["records"]
+                       if r["target"] == "fake_peer" and r["n"] == 128)
+    paired = peer_record["paired"]
+    assert len(paired["ours_times_ms"]) == len(paired["peer_times_ms"]) == 3
+    rows = [p for p in results["analysis"]["peers"] if p["n"] == 128]
+    assert len(rows) == 1 and rows[0]["timing"] == "paired"
+    assert rows[0]["time_ratio"] == paired["ratio"] == paired["ours_ms"] / paired["peer_ms"]
+    ours = next(r for r in results["records"] if r["label"] == "transformer" and r["n"] == 128)
+    assert rows[0]["separate_ratio"] == ours["time_ms"] / peer_record["time_ms"]
+    # memory: each side's own run, as before
+    memory = ours["peak_mib"] / peer_record["peak_mib"] if peer_record["peak_mib"] else None
+    assert rows[0]["memory_ratio"] == memory
+    assert "alternates the two" in (tmp_path / "bench.md").read_text()
 
 
 def test_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):

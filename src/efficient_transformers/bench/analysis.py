@@ -167,9 +167,14 @@ def peer_rows(records) -> list[dict[str, Any]]:
                        "not in this run (not registered)",
                        "peer_ms": r.get("time_ms"), "ours_ms": ours.get("time_ms") if ours else None,
                        "peer_mib": r.get("peak_mib"),
-                       "ours_mib": ours.get("peak_mib") if ours else None}
+                       "ours_mib": ours.get("peak_mib") if ours else None, "timing": "separate"}
                 row["time_ratio"] = _div(row["ours_ms"], row["peer_ms"])
                 row["memory_ratio"] = _div(row["ours_mib"], row["peer_mib"])
+                paired = r.get("paired")
+                if paired:  # alternating runs in one process: the ratio that drift cannot bias
+                    row["separate_ratio"] = row["time_ratio"]
+                    row.update(timing="paired", ours_ms=paired["ours_ms"],
+                               peer_ms=paired["peer_ms"], time_ratio=paired["ratio"])
                 rows.append(row)
     return rows
 

@@ -204,24 +204,11 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
             times, peak_bytes, method = _timed(lambda: layer(x), device, warmup, repeats, start_peak,
                                  clock=clock)
     elif mode == "fwdbwd":
-        layer.train()
-        x.requires_grad_(True)
-        grad = torch.randn(b, n, dim, device=device, dtype=dtype)
-
-        def step():
-            y = layer(x)
-            aux = getattr(layer, "aux_loss", None)
-            if isinstance(aux, torch.Tensor) and aux.requires_grad:
-                torch.autograd.backward([y, aux], [grad, torch.ones_like(aux)])
-            else:
-                y.backward(grad)
-
-        def clear():
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-
+        step, clear = _training_step(layer, x)
         times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak, between=clear,
                              clock=clock)
+        if case.get("pair"):
+            result["paired"] = _paired(case, layer, x, device, dtype, clock)
     elif mode == "decode":
         result.update(_decode(layer, x, case, start_peak))
         return result
@@ -232,6 +219,60 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     result.update(peak_mib=None if peak_bytes is None else peak_bytes / MIB,
                   mem_method=method)
     return result
+
+
+def _training_step(layer, x):
+    """(step, clear) for forward + backward of `layer` on x (B, N, dim) with a fixed random output
+    gradient (and the layer's aux loss, if it has one, with gradient 1)."""
+    layer.train()
+    x.requires_grad_(True)
+    grad = torch.randn_like(x)
+
+    def step():
+        y = layer(x)
+        aux = getattr(layer, "aux_loss", None)
+        if isinstance(aux, torch.Tensor) and aux.requires_grad:
+            torch.autograd.backward([y, aux], [grad, torch.ones_like(aux)])
+        else:
+            y.backward(grad)
+
+    def clear():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return step, clear
+
+
+def _paired(case, peer_layer, x, device, dtype, clock) -> dict[str, Any]:
+    """A peer case's paired timing, after its own runs: our layer (case["pair"]) is built in
+    the same process and the two alternate, one forward + backward each per round (the order
+    swapped every round), so that a drift of the machine's speed, or a process that runs
+    slower as a whole, weighs on both sides alike. -> medians of both and their ratio."""
+    pair = case["pair"]
+    torch.manual_seed(0)
+    ours, _ = build_target(dict(case, kind="ours", target=pair["target"], causal=pair["causal"],
+                                options=pair.get("options") or {}))
+    ours = ours.to(device=device, dtype=dtype)
+    x_ours = x.detach().clone()
+    sides = {"ours": _training_step(ours, x_ours), "peer": _training_step(peer_layer, x)}
+    for _ in range(case["warmup"]):
+        for step, clear in sides.values():
+            clear()
+            step()
+    times: dict[str, list[float]] = {"ours": [], "peer": []}
+    for i in range(case["repeats"]):
+        for side in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+            step, clear = sides[side]
+            clear()
+            _sync(device)
+            t0 = clock()
+            step()
+            _sync(device)
+            times[side].append(clock() - t0)
+    ours_ms, peer_ms = (statistics.median(times[k]) * 1e3 for k in ("ours", "peer"))
+    return {"ours_ms": ours_ms, "peer_ms": peer_ms, "ratio": ours_ms / peer_ms,
+            "ours_times_ms": [t * 1e3 for t in times["ours"]],
+            "peer_times_ms": [t * 1e3 for t in times["peer"]]}
 
 
 def _decode(layer, x, case, start_peak) -> dict[str, Any]:

@@ -150,9 +150,17 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                          fmt_ms(p["ours_ms"]) if p["ours_ms"] is not None else p["ours_status"],
                          fmt_ms(p["peer_ms"]) if p["peer_ms"] is not None else p["peer_status"],
                          "–" if p["time_ratio"] is None else f"{p['time_ratio']:.2f}",
+                         "–" if p.get("separate_ratio") is None else f"{p['separate_ratio']:.2f}",
                          "–" if p["memory_ratio"] is None else f"{p['memory_ratio']:.2f}"])
         out += [md_table(["ours", "peer", "mode", "N", "ours ms", "peer ms", "time ratio",
-                          "memory ratio"], rows), ""]
+                          "separate processes", "memory ratio"], rows), ""]
+        if any(p["timing"] == "paired" for p in an["peers"]):
+            out += ["Forward + backward times here come from one worker per peer that, after the "
+                    "peer's own runs, builds ours too and alternates the two (one step each per "
+                    "round, order swapped every round): a drift of the machine's speed, or a "
+                    "process that runs slower as a whole, weighs on both sides alike. 'separate "
+                    "processes': the ratio of the two sides' own cases, for comparison. Memory: "
+                    "each side's own fresh process.", ""]
     if an["causal"]:
         out += ["## Causal / non-causal forward + backward", ""]
         rows = [[f"`{c['target']}`", fmt_n(c["n"]), fmt_ms(c["causal_ms"]),

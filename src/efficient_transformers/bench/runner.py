@@ -81,14 +81,21 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
         if kind == "ours" and name in causal_needed and ("fwdbwd", True) not in runs and decodes:
             runs.append(("fwdbwd", True))
         lengths = sorted(int(n) for n in cfg.lengths)
-        if kind == "peer" and PEERS[name].options is not None and PEERS[name].ours in registered:
-            peer = PEERS[name]  # ours at the peer's settings, just before the peer's own cases
+        peer = PEERS.get(name) if kind == "peer" else None
+        if peer is not None and peer.options is not None and peer.ours in registered:
+            # ours at the peer's settings, just before the peer's own cases
             cases += [dict(base, kind="ours", target=peer.ours, mode=mode, causal=causal, n=n,
                            label=peer.ours_label, options=peer.options(n), registered=True,
-                           pair=name) for mode, causal in runs for n in lengths]
-        cases += [dict(base, kind=kind, target=name, mode=mode, causal=causal, n=n,
-                       label=label(name, causal, mode), registered=name in registered)
-                  for mode, causal in runs for n in lengths]
+                           for_peer=name) for mode, causal in runs for n in lengths]
+        for mode, causal in runs:
+            for n in lengths:
+                case = dict(base, kind=kind, target=name, mode=mode, causal=causal, n=n,
+                            label=label(name, causal, mode), registered=name in registered)
+                if peer is not None and mode == "fwdbwd" and peer.ours in registered:
+                    # after its own runs, the peer's worker times ours against it, alternating
+                    case["pair"] = {"target": peer.ours, "causal": peer.causal,
+                                    "options": peer.options(n) if peer.options else {}}
+                cases.append(case)
     return sorted(cases, key=_case_order(targets))
 
 
@@ -102,8 +109,8 @@ def _case_order(targets: list[tuple[str, str]]):
     position = {name: i for i, (_, name) in enumerate(targets)}
 
     def key(case):
-        name = case.get("pair") or case["target"]
-        if case["kind"] == "peer" or case.get("pair"):
+        name = case.get("for_peer") or case["target"]
+        if case["kind"] == "peer" or case.get("for_peer"):
             peer = PEERS[name]
             return case["n"], position.get(peer.ours, position[name]), peer.causal
         return case["n"], position[name], case["causal"]
