@@ -82,7 +82,11 @@ class RoutingAttention(Attention):
 
     def qkv(self, x):
         """(B, N, dim) -> q, k, v each (B, H, N, d)"""
-        return [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
+        return self.split_qkv(self.to_qkv(x))
+
+    def split_qkv(self, qkv):
+        """The projection (B, N, 3·dim) -> q, k, v each (B, H, N, d), views."""
+        return [self.split_heads(t) for t in qkv.chunk(3, dim=-1)]
 
     # ------------------------------------------------------------------------ routing
     def route_vectors(self, q, k):
@@ -175,7 +179,7 @@ class RoutingAttention(Attention):
         b, n, _ = x.shape
         real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         qkv = self.to_qkv(x)                                    # (B, N, 3·dim)
-        q, k, v = [self.split_heads(t) for t in qkv.chunk(3, dim=-1)]
+        q, k, v = self.split_qkv(qkv)
         hl = self.local_heads
         outs = []
         if hl:
