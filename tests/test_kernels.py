@@ -223,14 +223,35 @@ def test_fused_layer_form_with_a_fully_padded_sequence(causal, batch):
     assert_values_and_gradients_match(fast, slow, [x, weight, bias], tol=1e-12)
 
 
+@pytest.mark.parametrize("batch,padding,out_bias", [(1, "none", True), (2, "some", True),
+                                                     (2, "a whole sequence", False)])
+def test_fused_layer_form_with_the_output_projection_absorbed(batch, padding, out_bias):
+    # non-causal with out_weight: y = U M + bo with M = S Woᵀ per head, against the composition
+    # followed by the output projection; every input's gradient
+    x, weight, bias, gen = layer_inputs(seed=7)
+    x = x[:batch].detach().requires_grad_()
+    out_weight = (torch.randn(5, DIM_IN, generator=gen) * 0.3).double().requires_grad_()
+    bo = (torch.randn(5, generator=gen) * 0.1).double().requires_grad_() if out_bias else None
+    mask = None if padding == "none" else random_mask(batch, N, generator=gen)
+    if padding == "a whole sequence":
+        mask[-1] = False
+    fast = projected_elu_linear_attention(x, weight, bias, HEADS, False, mask, 4, out_weight, bo)
+    slow = F.linear(composed_layer_form(x, weight, bias, HEADS, False, mask, 4), out_weight, bo)
+    params = [x, weight, bias, out_weight] + ([bo] if out_bias else [])
+    assert_values_and_gradients_match(fast, slow, params, tol=1e-12)
+
+
 def test_fused_layer_form_runs_backward_once():
     # non-causal backward overwrites the saved features with their gradients: a second
     # backward through the same graph must raise, not return wrong gradients
     x, weight, bias, _ = layer_inputs(seed=6)
-    out = projected_elu_linear_attention(x, weight, bias, HEADS).square().sum()
-    torch.autograd.grad(out, x, retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(out, x)
+    out_weight = torch.randn(4, DIM_IN, dtype=torch.float64)
+    for projection in (None, out_weight):  # both non-causal forms
+        out = projected_elu_linear_attention(x, weight, bias, HEADS,
+                                             out_weight=projection).square().sum()
+        torch.autograd.grad(out, x, retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

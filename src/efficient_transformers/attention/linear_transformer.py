@@ -10,9 +10,10 @@ Computation runs in at least float32 (the normaliser z sums N positive terms, wh
 fp16), then casts back to the input dtype.
 
 Forward (both forms) runs as `functional.fused_linear.projected_elu_linear_attention`: projection,
-feature map and attention in one autograd node (non-causal: all heads at once, its backward
-runs once; causal: head by head, chunked), saving φ(q), φ(k), v only; decode uses the generic
-parts of `KernelAttention`.
+feature map and attention in one autograd node (non-causal: all heads at once with the output
+projection absorbed, its backward runs once; causal: head by head, chunked, then `to_out`),
+saving φ(q), φ(k), v only; decode uses the generic parts of `KernelAttention`. Forward hooks on
+`to_qkv` and `to_out` do not fire on that path (their weights are read directly).
 """
 
 from __future__ import annotations
@@ -87,6 +88,6 @@ class LinearTransformerAttention(KernelAttention):
 
     def attend(self, x, mask):
         # KernelAttention.attend fused into one autograd node (same values and gradients)
-        out = projected_elu_linear_attention(x, self.to_qkv.weight, self.to_qkv.bias, self.heads,
-                                             self.causal, mask, self.chunk_size)
-        return self.to_out(out)
+        return projected_elu_linear_attention(x, self.to_qkv.weight, self.to_qkv.bias,
+                                              self.heads, self.causal, mask, self.chunk_size,
+                                              self.to_out.weight, self.to_out.bias)

@@ -12,6 +12,9 @@ projection they replace) as the only large activations: backward recomputes no f
   overwrites φ(q), φ(k), v with d_q, d_k, d_v as each stops being needed and projects that
   gradient back with one GEMM for x and one for the weight. So this node runs backward once:
   a second backward (retain_graph) raises, as for any saved tensor modified in place.
+  `_ProjectedLinearAttentionOut` also absorbs the output projection (the layer's path): with
+  U = φ(q) / φ(q) z and M_h = S_h Wo_hᵀ, y = U M + bo is one GEMM of the projection's size and
+  the per-head products φ(q) S, and backward's d_num Sᵀ and φ(q)ᵀ d_num, are gone (d S = d M Wo).
 - Causal, `_ProjectedCausalLinearAttention`: head by head, chunked. Forward writes φ(q), φ(k), v
   head-major into one (3, H, B, Np, d) tensor so that chunks are contiguous; each head's
   gradients are projected straight back onto x and the weights, so neither (B, H, N, ·)
@@ -49,42 +52,63 @@ def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.view(rows.shape[0], 3, heads, -1).permute(1, 2, 0, 3)
 
 
-def _attend(feats: torch.Tensor, states: torch.Tensor, out: torch.Tensor, heads: int):
+def _states_and_normaliser(feats: torch.Tensor, states: torch.Tensor, heads: int):
     """feats (N, 3·H·d) [φ(q) | φ(k) | v] -> states (H, d, d + 1) = [S | z] = φ(k)ᵀ [v | 1]
-    and out (N, H·d) = φ(q) S / φ(q) z, both filled in."""
+    filled in; returns the normaliser φ(q) z (H, N, 1) (`_safe_normaliser_`) and its mask."""
     q, k, v = _heads(feats, heads)                                       # (H, N, d) each
     d = v.shape[-1]
     states[..., :d] = torch.bmm(k.transpose(1, 2), v)                    # S (H, d, d)
     states[..., d] = k.sum(dim=1)                                        # z (H, d)
-    num_den = torch.bmm(q, states)                                       # (H, N, d + 1)
-    den, _ = _safe_normaliser_(num_den[..., d:])
+    return _normaliser(feats, states, heads)
+
+
+def _normaliser(feats, states, heads):
+    """φ(q) z (H, N, 1) from filled states, through `_safe_normaliser_` (-> it, its mask).
+    The matrix-vector product as row vector times matrix: several times faster on CPU."""
+    q = _heads(feats, heads)[0]
+    z_row = states[..., -1:].transpose(1, 2)                             # (H, 1, d)
+    return _safe_normaliser_(torch.bmm(z_row, q.transpose(1, 2)).transpose(1, 2))
+
+
+def _attend(feats: torch.Tensor, states: torch.Tensor, out: torch.Tensor, heads: int):
+    """feats (N, 3·H·d) -> states filled in, out (N, H·d) = φ(q) S / φ(q) z."""
+    den, _ = _states_and_normaliser(feats, states, heads)
+    q = _heads(feats, heads)[0]
+    d = q.shape[-1]
     # written straight into the merged-heads layout: an elementwise op with a strided out
-    torch.div(num_den[..., :d], den, out=out.view(-1, heads, d).transpose(0, 1))
+    torch.div(torch.bmm(q, states[..., :d]), den, out=out.view(-1, heads, d).transpose(0, 1))
 
 
-def _attend_backward_(feats: torch.Tensor, states: torch.Tensor, d_out: torch.Tensor,
-                      heads: int) -> None:
-    """feats (N, 3·H·d) [φ(q) | φ(k) | v], its states (H, d, d + 1), d_out (N, H, d) -> feats
-    overwritten with [d_q | d_k | d_v], the gradients of the projection, with two (H, N, d)
-    temporaries. d_den = -(d_num · num) / den with num never formed: d_num · φ(q) S is
-    φ(q) · d_num Sᵀ."""
+def _features_backward_(feats, states, den, ok, d_q, d_s, heads, d_k_out, d_v_out) -> None:
+    """The common tail of both backward forms. d_q (H, N, d): the gradient of φ(q) through the
+    numerator divided by the normaliser (taken over, any strides); d_s (H, d, d): the gradient
+    of S -> feats overwritten with [d_q | d_k | d_v], the gradients of the projection. d_k_out,
+    d_v_out: contiguous (H, N, d) scratch (d_v_out may share d_q's storage: it is written after
+    d_q's last read). The normaliser's gradient d_den = -(φ(q) · d_q) / den needs no numerator
+    (d_num · φ(q) S = φ(q) · d_num Sᵀ)."""
     q, k, v = _heads(feats, heads)                                       # (H, N, d) each
-    d = v.shape[-1]
-    s, z = states[..., :d], states[..., d:]                              # (H, d, d), (H, d, 1)
-    # the matrix-vector products as row vector times matrix: several times faster on CPU
-    den, ok = _safe_normaliser_(torch.bmm(z.transpose(1, 2), q.transpose(1, 2)).transpose(1, 2))
-    d_num = torch.div(d_out.transpose(0, 1), den)                        # (H, N, d)
-    d_s = torch.bmm(q.transpose(1, 2), d_num)                            # (H, d, d)
-    d_q = torch.bmm(d_num, s.transpose(1, 2))                            # d φ(q), S part
-    d_den = torch.mul(q, d_q, out=d_num).sum(dim=-1, keepdim=True)       # d_num: free from here
-    d_den.div_(den).neg_().mul_(ok)                                      # (H, N, 1)
+    z = states[..., -1:]                                                 # (H, d, 1)
+    d_den = torch.linalg.vecdot(q, d_q, dim=-1)[..., None]              # (H, N, 1)
+    d_den.div_(den).neg_().mul_(ok)
     d_z = torch.bmm(d_den.transpose(1, 2), q)                            # (H, 1, d): zᵀ's
     d_q.addcmul_(d_den, z.transpose(1, 2))                               # d φ(q)
     q.clamp_(max=1.0).mul_(d_q)                                          # d_q = d φ(q) · elu'
-    d_k = torch.bmm(v, d_s.transpose(1, 2), out=d_num).add_(d_z)         # d φ(k)
-    d_v = torch.bmm(k, d_s, out=d_q)
+    d_k = torch.bmm(v, d_s.transpose(1, 2), out=d_k_out).add_(d_z)       # d φ(k)
+    torch.bmm(k, d_s, out=d_v_out)
     k.clamp_(max=1.0).mul_(d_k)                                          # 0 at padded keys
-    v.copy_(d_v)
+    v.copy_(d_v_out)
+
+
+def _attend_backward_(feats, states, d_out, heads) -> None:
+    """Backward of `_attend`: d_out (N, H, d) -> feats overwritten with the projection's
+    gradient."""
+    q = _heads(feats, heads)[0]
+    d = q.shape[-1]
+    den, ok = _normaliser(feats, states, heads)
+    d_num = torch.div(d_out.transpose(0, 1), den)                        # (H, N, d)
+    d_s = torch.bmm(q.transpose(1, 2), d_num)                            # (H, d, d)
+    d_q = torch.bmm(d_num, states[..., :d].transpose(1, 2))              # d φ(q), S part
+    _features_backward_(feats, states, den, ok, d_q, d_s, heads, d_num, d_q)  # d_num: free
 
 
 class _ProjectedLinearAttention(torch.autograd.Function):
@@ -93,17 +117,9 @@ class _ProjectedLinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, heads, key_mask, dtype):
-        b, n, _ = x.shape
-        hd = weight.shape[0] // 3                                            # H·d
-        d = hd // heads
-        # bias inside the GEMM; low precision: rounded as in nn.Linear, then computed in dtype
-        feats = F.linear(x, weight, bias).to(dtype)                          # (B, N, 3·H·d)
-        _elu_features_(feats[..., :2 * hd])                                  # φ(q), φ(k)
-        if key_mask is not None:                                             # padded keys
-            feats[..., hd:2 * hd].masked_fill_(~key_mask[..., None], 0.0)
-        states = feats.new_empty(b, heads, d, d + 1)                         # [S | z], saved
-        out = x.new_empty(b, n, hd)
-        for i in range(b):  # batched matmuls over heads need one batch element's views
+        feats, states = _features(x, weight, bias, heads, key_mask, dtype)
+        out = x.new_empty(*x.shape[:2], weight.shape[0] // 3)
+        for i in range(x.shape[0]):  # batched matmuls over heads need one batch element's views
             _attend(feats[i], states[i], out[i], heads)
         ctx.heads = heads
         ctx.save_for_backward(x, weight, feats, states)
@@ -113,15 +129,96 @@ class _ProjectedLinearAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         x, weight, feats, states = ctx.saved_tensors
-        b, n, dim = x.shape
+        b, n, _ = x.shape
         d_out = d_out.reshape(b, n, ctx.heads, -1)                           # (B, N, H, d)
         for i in range(b):
             _attend_backward_(feats[i], states[i], d_out[i], ctx.heads)
-        grad = feats.view(b * n, -1).to(x.dtype)                             # (B·N, 3·H·d)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (grad.mm(weight).view_as(x) if need_x else None,
-                grad.T.mm(x.reshape(b * n, dim)) if need_w else None,
-                grad.sum(dim=0) if need_b else None, None, None, None)
+        return (*_projection_grads(ctx, x, weight, feats), None, None, None)
+
+
+class _ProjectedLinearAttentionOut(torch.autograd.Function):
+    """Non-causal with the output projection absorbed: x (B, N, dim), weight, bias as above,
+    out_weight (dim_out, H·d), out_bias (dim_out) or None -> (B, N, dim_out). With
+    U = φ(q) / φ(q) z (B, N, H·d), y = Σ_h U_h S_h Wo_hᵀ + bo = U M + bo, M_h = S_h Wo_hᵀ
+    (d × dim_out): one GEMM of the size of the output projection replaces it and the products
+    φ(q) S (and, backward, d_num Sᵀ and φ(q)ᵀ d_num: d S = d M Wo)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_weight, out_bias, heads, key_mask):
+        b, n, _ = x.shape
+        feats, states = _features(x, weight, bias, heads, key_mask, x.dtype)
+        hd = weight.shape[0] // 3
+        d = hd // heads
+        wo = out_weight.view(-1, heads, d).permute(1, 2, 0)                 # (H, d, dim_out)
+        u = x.new_empty(b, n, hd)
+        mixes = x.new_empty(b, heads, d, wo.shape[-1])                       # M per batch element
+        y = x.new_empty(b, n, wo.shape[-1])
+        dens = x.new_empty(b, heads, n, 1)                                   # normalisers, saved
+        oks = torch.empty(b, heads, n, 1, dtype=torch.bool, device=x.device)
+        for i in range(b):
+            dens[i], oks[i] = _states_and_normaliser(feats[i], states[i], heads)
+            den = dens[i]
+            q = _heads(feats[i], heads)[0]
+            torch.div(q, den, out=u[i].view(n, heads, d).transpose(0, 1))    # U (N, H·d)
+            torch.bmm(states[i][..., :d], wo, out=mixes[i])                  # M (H, d, dim_out)
+            m = mixes[i].view(hd, -1)
+            if out_bias is None:
+                torch.mm(u[i], m, out=y[i])
+            else:
+                torch.addmm(out_bias, u[i], m, out=y[i])
+        ctx.heads = heads
+        ctx.save_for_backward(x, weight, feats, states, u, mixes, out_weight, dens, oks)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_y):
+        x, weight, feats, states, u, mixes, out_weight, dens, oks = ctx.saved_tensors
+        b, n, _ = x.shape
+        heads = ctx.heads
+        hd = u.shape[-1]
+        d = hd // heads
+        wo_rows = out_weight.view(-1, heads, d).transpose(0, 1)             # (H, dim_out, d)
+        d_wo = torch.zeros(heads, out_weight.shape[0], d, dtype=u.dtype, device=u.device)
+        d_k = u.new_empty(heads, n, d)                                       # scratch
+        for i in range(b):
+            d_u = torch.mm(d_y[i], mixes[i].view(hd, -1).T)                  # (N, H·d)
+            d_m = torch.mm(u[i].T, d_y[i]).view(heads, d, -1)                # (H, d, dim_out)
+            d_s = torch.bmm(d_m, wo_rows)                                    # (H, d, d)
+            d_wo.baddbmm_(d_m.transpose(1, 2), states[i][..., :d])           # (H, dim_out, d)
+            d_q = d_u.view(n, heads, d).transpose(0, 1).div_(dens[i])        # (H, N, d), a view
+            _features_backward_(feats[i], states[i], dens[i], oks[i], d_q, d_s, heads, d_k,
+                                d_u.view(heads, n, d))                       # d_v in d_u's storage
+        del d_u, d_q, d_k  # scratch freed before the projection's gradient GEMMs
+        d_x, d_w, d_b = _projection_grads(ctx, x, weight, feats)
+        need_wo, need_bo = ctx.needs_input_grad[3:5]
+        return (d_x, d_w, d_b,
+                d_wo.transpose(0, 1).reshape(out_weight.shape) if need_wo else None,
+                d_y.sum(dim=(0, 1)) if need_bo else None, None, None)
+
+
+def _features(x, weight, bias, heads, key_mask, dtype):
+    """-> feats (B, N, 3·H·d) = [φ(q) | φ(k) | v] of x Wᵀ + b in `dtype` (padded keys' φ(k) 0)
+    and an empty states tensor (B, H, d, d + 1)."""
+    hd = weight.shape[0] // 3                                                # H·d
+    # bias inside the GEMM; low precision: rounded as in nn.Linear, then computed in dtype
+    feats = F.linear(x, weight, bias).to(dtype)                              # (B, N, 3·H·d)
+    _elu_features_(feats[..., :2 * hd])                                      # φ(q), φ(k)
+    if key_mask is not None:                                                 # padded keys
+        feats[..., hd:2 * hd].masked_fill_(~key_mask[..., None], 0.0)
+    d = hd // heads
+    return feats, feats.new_empty(x.shape[0], heads, d, d + 1)
+
+
+def _projection_grads(ctx, x, weight, feats):
+    """The projection's gradient now in feats (B, N, 3·H·d) -> d x, d weight, d bias (one GEMM
+    each, None where not needed)."""
+    b, n, dim = x.shape
+    grad = feats.view(b * n, -1).to(x.dtype)                                 # (B·N, 3·H·d)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (grad.mm(weight).view_as(x) if need_x else None,
+            grad.T.mm(x.reshape(b * n, dim)) if need_w else None,
+            grad.sum(dim=0) if need_b else None)
 
 
 # --------------------------------------------------------------- causal: head by head, chunked
@@ -307,14 +404,24 @@ class _ProjectedCausalLinearAttention(torch.autograd.Function):
 def projected_elu_linear_attention(x: torch.Tensor, weight: torch.Tensor,
                                    bias: torch.Tensor | None, heads: int, causal: bool = False,
                                    key_mask: torch.Tensor | None = None,
-                                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                                   chunk_size: int = DEFAULT_CHUNK,
+                                   out_weight: torch.Tensor | None = None,
+                                   out_bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, N, dim) -> (B, N, H·d): q, k, v = split_heads(x Wᵀ + b) (W (3·H·d, dim), q | k | v
     stacked), then `linear_attention` (non-causal) or `causal_linear_attention` (chunk_size
     positions per chunk) of φ(q), mask_features(φ(k), key_mask), v with φ = `elu_feature_map`,
-    heads merged. Computed in `compute_dtype`, returned in x's dtype. Same values and gradients
-    as those compositions; memory: see the module's docstring."""
+    heads merged. Computed in `compute_dtype`, returned in x's dtype. With `out_weight`
+    (dim_out, H·d) and `out_bias`, followed by that output projection -> (B, N, dim_out),
+    absorbed into the attention where the form allows it (non-causal, x already in the compute
+    dtype). Same values and gradients as those compositions; memory: see the module's
+    docstring."""
     dtype = compute_dtype(x.dtype)
+    if out_weight is not None and not causal and x.dtype == dtype:
+        return _ProjectedLinearAttentionOut.apply(x, weight, bias, out_weight, out_bias, heads,
+                                                  key_mask)
     if causal:
-        return _ProjectedCausalLinearAttention.apply(x, weight, bias, heads, key_mask,
-                                                     chunk_size, dtype)
-    return _ProjectedLinearAttention.apply(x, weight, bias, heads, key_mask, dtype)
+        out = _ProjectedCausalLinearAttention.apply(x, weight, bias, heads, key_mask,
+                                                    chunk_size, dtype)
+    else:
+        out = _ProjectedLinearAttention.apply(x, weight, bias, heads, key_mask, dtype)
+    return out if out_weight is None else F.linear(out, out_weight, out_bias)
