@@ -122,18 +122,16 @@ class RoutingAttention(Attention):
         if self.training:
             new = self.centroids
             for x, a in zip(vectors, assign):
-                new = ema_centroids(new, x.detach(), a, real, self.decay)
+                new = ema_centroids(new, x, a, real, self.decay)
             self.centroids = new  # a new tensor: the graph of this call keeps the old one
 
     def fused_routing(self, qkv, q, k, real):
         """CPU fast path of the non-causal routing heads (functional/routed.py): the routing
         decisions without autograd, then one node for attention and commitment loss."""
-        n, mu = q.shape[2], self.centroids.detach()
-        size = min(n, math.ceil(n / self.num_clusters))
+        mu = self.centroids.detach()
         with torch.no_grad():
             units = [unit_parts(t) for t in (q, k)]        # (x̂, |x|, clamped) per side
-            scores = [centroid_scores(u[0], mu) for u in units]
-            members = [balanced_members(sc, size, real) for sc in scores]
+            scores, members = self.balanced_routing([u[0] for u in units], real)
             best = [tuple(sc.max(dim=-1)) for sc in scores]
         commitment = Commitment(units, best, mu, real, self.commitment)
         out, self.aux_loss = routed_heads(qkv, self.heads, self.local_heads, *members, real,
@@ -143,7 +141,6 @@ class RoutingAttention(Attention):
 
     def routing(self, q, k, v, real):
         """Routing heads: q, k, v (B, Hr, N, d), real (B, N) -> (B, Hr, N, d)."""
-        n = q.shape[2]
         mu = self.centroids.detach()
         if self.causal:
             r, _ = self.route_vectors(q, k)
@@ -158,12 +155,17 @@ class RoutingAttention(Attention):
                                            self.window, causal=True)
             return unpermute(out, order)
         q_hat, k_hat = self.route_vectors(q, k)
-        sq, sk = centroid_scores(q_hat, mu), centroid_scores(k_hat, mu)  # (B, Hr, N, C)
+        scores, members = self.balanced_routing([q_hat, k_hat], real)
+        self.learn([q_hat, k_hat], scores, real)
+        return routed_attention(q, k, v, *members, real)
+
+    def balanced_routing(self, vectors, real):
+        """Non-causal: unit vectors (B, Hr, N, d) per side -> their centroid scores
+        (B, Hr, N, C) and the balanced cluster members (B, Hr, C, k), k = ceil(N / C)."""
+        n = vectors[0].shape[2]
         size = min(n, math.ceil(n / self.num_clusters))
-        q_members = balanced_members(sq, size, real)
-        k_members = balanced_members(sk, size, real)
-        self.learn([q_hat, k_hat], [sq, sk], real)
-        return routed_attention(q, k, v, q_members, k_members, real)
+        scores = [centroid_scores(x, self.centroids.detach()) for x in vectors]
+        return scores, [balanced_members(sc, size, real) for sc in scores]
 
     def uses_fused_routing(self, qkv) -> bool:
         """The non-causal routing heads take the fused CPU node (float32/64), unless

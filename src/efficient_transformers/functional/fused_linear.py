@@ -157,9 +157,8 @@ class _ProjectedLinearAttentionOut(torch.autograd.Function):
         oks = torch.empty(b, heads, n, 1, dtype=torch.bool, device=x.device)
         for i in range(b):
             dens[i], oks[i] = _states_and_normaliser(feats[i], states[i], heads)
-            den = dens[i]
             q = _heads(feats[i], heads)[0]
-            torch.div(q, den, out=u[i].view(n, heads, d).transpose(0, 1))    # U (N, H·d)
+            torch.div(q, dens[i], out=u[i].view(n, heads, d).transpose(0, 1))  # U (N, H·d)
             torch.bmm(states[i][..., :d], wo, out=mixes[i])                  # M (H, d, dim_out)
             m = mixes[i].view(hd, -1)
             if out_bias is None:
