@@ -27,6 +27,7 @@ def test_use_flex_choice():
     try:
         flex.FORCE_FLEX = True
         assert flex.use_flex(q) == flex.flex_available()
+        assert flex.use_flex(q, block_sparse=False) == flex.flex_available()   # forced: any pattern
         assert not flex.use_flex(q.double())            # FlexAttention has no float64 path
         flex.FORCE_FLEX = False
         assert not flex.use_flex(q)
@@ -94,6 +95,15 @@ GPU_CASES = [("image_transformer", {"mode": "1d", "shape": None, "block_size": 3
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_takes_flex_for_block_sparse_patterns_only():
+    q = torch.randn(1, 2, 256, 16, device="cuda")
+    assert flex.use_flex(q) == flex.flex_available()
+    assert not flex.use_flex(q, block_sparse=False)     # columns: the line path
+    assert not flex.use_flex(q[..., :8])                # head dim below MIN_HEAD_DIM
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name,options", GPU_CASES, ids=lambda c: str(c))
 def test_cuda_flex_path_equals_block_path_with_gradients(name, options, causal):
@@ -102,7 +112,7 @@ def test_cuda_flex_path_equals_block_path_with_gradients(name, options, causal):
     x = torch.randn(2, 300, 64, generator=gen).cuda().requires_grad_()
     mask = random_mask(2, 300, generator=gen).cuda()
     results = []
-    for forced in (None, False):                   # None: CUDA picks FlexAttention
+    for forced in (True, False):
         old, flex.FORCE_FLEX = flex.FORCE_FLEX, forced
         try:
             y = attn(x, mask)

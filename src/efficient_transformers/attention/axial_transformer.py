@@ -17,10 +17,11 @@ pair this is one kind of layer, strictly causal in raster order, so decode runs 
 
 Any N <= prod(shape): the leading axis is padded. `shape` None: the nearest square grid covering N
 (width ceil(sqrt(N)), `functional.axial.grid_shape`), forward only: decode needs a fixed shape.
-Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. CPU: one autograd node
-(`functional.axial.axial_attention`) that runs batched matmuls per axis and head, merges them by
-log-sum-exp (`functional.merge`) and saves no probabilities; CUDA: FlexAttention with the
-`patterns.Axial` mask.
+Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. Every device: one
+autograd node (`functional.axial.axial_attention`) that runs batched matmuls per axis and head,
+merges them by log-sum-exp (`functional.merge`) and saves no probabilities. FlexAttention with the
+`patterns.Axial` mask stays available (`functional.flex.FORCE_FLEX`), but the columns touch every
+key block, so it skips nothing (`use_flex(q, block_sparse=False)`).
 Decode: a KV cache (columns reach every earlier row).
 """
 
@@ -52,7 +53,7 @@ class AxialTransformerAttention(PatternAttention):
     def core(self, q, k, v, mask=None):
         """q, k, v (B, H, N, d) -> (B, H, N, d)"""
         n = q.shape[2]
-        if use_flex(q):
+        if use_flex(q, block_sparse=False):
             return flex_pattern_attention(q, k, v, self.pattern(n), mask)
         return axial_attention(q, k, v, grid_shape(n, self.shape), self.causal, mask)[0]
 

@@ -67,7 +67,7 @@ class MemoryCompressedAttention(DenseAttention):
         ks, vs = self.compress(pad_to_multiple(k, c)[0] * keep, pad_to_multiple(v, c)[0] * keep)
         slot_real = real.view(bsz, -1, c).any(dim=-1)                           # (B, M)
         if not self.causal:
-            if mask is None and n % c == 0:
+            if mask is None:  # every slot holds a real token (the last one at least its first)
                 return F.scaled_dot_product_attention(q, ks, vs)
             allowed = slot_real | ~slot_real.any(dim=-1, keepdim=True)           # all-pad rows: any
             return F.scaled_dot_product_attention(q, ks, vs, attn_mask=allowed[:, None, None, :])

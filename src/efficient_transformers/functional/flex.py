@@ -31,16 +31,20 @@ def flex_available() -> bool:
     return True
 
 
-def use_flex(q: torch.Tensor) -> bool:
+def use_flex(q: torch.Tensor, block_sparse: bool = True) -> bool:
     """True where the FlexAttention path should run for q (B, H, N, d): on CUDA when it is
-    importable and d >= MIN_HEAD_DIM."""
+    importable and d >= MIN_HEAD_DIM. block_sparse=False: the pattern reaches into every key
+    block (a key every stride-th position: axial columns, Sparse Transformer's strided and fixed
+    patterns), so FlexAttention skips no block; on an H100 such layers ran slower than dense SDPA
+    at every N (docs/benchmarks.md, CUDA run of 2026-11-27), and they take the line/block path
+    unless FORCE_FLEX is True."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if q.is_cuda and q.shape[-1] < MIN_HEAD_DIM:
         return False
     if FORCE_FLEX is not None:
         return FORCE_FLEX and flex_available()
-    return q.is_cuda and flex_available()
+    return block_sparse and q.is_cuda and flex_available()
 
 
 RECOMPILE_LIMIT = 64

@@ -227,8 +227,10 @@ def local_attention_with_extras(q, k, v, window: int, causal: bool, key_mask, bl
     allowed = (allowed | ~mask.view(bsz, nq, block, 1))[:, :, None]           # (B, nq, 1, b, Kb)
     if rel_bias is not None:
         radius = (rel_bias.shape[-1] - 1) // 2
-        bias = rel_bias.to(q.dtype)[:, (-diff).clamp(-radius, radius) + radius]  # (H, nq, b, Kb)
-        allowed = torch.where(allowed, bias.transpose(0, 1)[None],
+        # j - i depends only on the offsets within the block and window: one (b, Kb) table for
+        # every block, so the lookup's backward sums over H·b·Kb scores, not over N·Kb per head
+        bias = rel_bias.to(q.dtype)[:, (-diff[0]).clamp(-radius, radius) + radius]  # (H, b, Kb)
+        allowed = torch.where(allowed, bias[None, None],
                               torch.full((), NEG_INF, dtype=q.dtype, device=q.device))
     if extra_k is not None:
         value = True if extra_allowed.dtype == torch.bool else 0.0
