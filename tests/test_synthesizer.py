@@ -88,6 +88,39 @@ def test_variant_is_causal_decodes_exactly_and_ignores_padding(variant):
     assert max_abs_diff(attn(x, mask)[mask], attn(noisy, mask)[mask]) < 1e-12
 
 
+LOW_RANK_VARIANTS = ["dense", "factorized_random", "dense+vanilla", "factorized_random+vanilla"]
+
+
+@pytest.mark.parametrize("variant", LOW_RANK_VARIANTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_low_rank_fast_path_equals_materialised_logits(variant, causal, padded):
+    attn = build(variant, causal)
+    assert attn.low_rank and not build("dense+random").low_rank
+    x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, N) if padded else None
+    fast, slow = attn.attend_low_rank(x, mask), attn.attend_reference(x, mask)
+    sel = (mask if padded else torch.ones(2, N, dtype=torch.bool))[..., None].expand_as(fast)
+    assert max_abs_diff(fast[sel], slow[sel]) < 1e-12
+    up = torch.randn_like(fast) * sel
+    params = [x] + list(attn.parameters())
+    for a, b in zip(torch.autograd.grad(fast, params, up, allow_unused=True),
+                    torch.autograd.grad(slow, params, up, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert max_abs_diff(a, b) < 1e-12
+
+
+def test_low_rank_path_never_materialises_n_by_n():
+    from test_contract import LargestTensor
+    n = 1024
+    attn = et.build_attention("synthesizer", dim=16, heads=1, causal=True, max_len=n)
+    x = torch.randn(1, n, 16, requires_grad=True)
+    with LargestTensor() as spy:
+        attn(x).sum().backward()
+    assert spy.largest < n * n, f"{spy.op} made a tensor of {spy.largest} elements"
+
+
 def test_mixture_weights_sum_to_one_and_fixed_random_is_a_buffer():
     attn = build("dense+random+vanilla", trainable=False)
     assert attn.mix.softmax(0).sum().item() == pytest.approx(1.0)

@@ -17,6 +17,15 @@ Causal: the synthesized weights are masked to j ≤ i before the softmax (the de
 depends on x_i only, the random rows on nothing). Decode is exact: a cache of values (and keys for
 "vanilla") and, per new token, its synthesized row over the cached positions.
 Cost: O(N·ℓ) weights, O(N²) as the survey says; random variants hold H·ℓ² parameters.
+
+Fast path for the low-rank components (dense, factorized_random, vanilla, and mixtures of them):
+each one's logits are a product of per-query and per-key features, dense H W_2ᵀ + b_2 = [H, 1]
+[W_2, b_2]ᵀ (rank d + 1), factorized random R_1 R_2ᵀ, vanilla q kᵀ/√d; a mixture concatenates
+the features, with α folded into the query side. So softmax(B) G(x) is one
+`scaled_dot_product_attention` call (scale 1, features and values zero-padded to one width, a
+multiple of 8): FlashAttention, O(N) memory, the causal half skipped. "random" and
+"factorized_dense" are full rank in ℓ: their logits are materialised (`logits`, also the reference
+for the fast path and the decode step).
 """
 
 from __future__ import annotations
@@ -24,14 +33,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..functional.dense import causal_allowed, dense_allowed
+from ..functional.dense import causal_allowed, dense_allowed, sdpa_attention
 from ..functional.lowrank import synthesized_attention, tile_product
 from ..registry import register
 from .base import Attention, check_positive_int
 
 COMPONENTS = ("dense", "random", "factorized_dense", "factorized_random", "vanilla")
+LOW_RANK = frozenset({"dense", "factorized_random", "vanilla"})   # logits = query · key features
 VARIANTS = ("dense", "random", "factorized_dense", "factorized_random", "dense+vanilla",
             "random+vanilla", "factorized_dense+vanilla", "factorized_random+vanilla",
             "dense+random", "dense+random+vanilla")  # documented examples; any "+" mix is valid
@@ -135,8 +146,54 @@ class SynthesizerAttention(Attention):
             return None
         return self.split_heads(self.to_qk(x)[..., self.dim:])
 
+    @property
+    def low_rank(self) -> bool:
+        """True where every component's logits factor into query and key features."""
+        return LOW_RANK.issuperset(self.components)
+
+    def features(self, x: torch.Tensor):
+        """Query and key features of the low-rank components over positions 0..N-1,
+        (B, H, N, f) each, with Σ over features = the mixed logits of `logits` (α on the query side):
+        dense [H, 1]·[W_2, b_2], factorized random R_1·R_2, vanilla (q/√d)·k."""
+        b, n, _ = x.shape
+        h = self.heads
+        alpha = None if self.mix is None else self.mix.softmax(dim=0)
+        queries, keys = [], []
+        for c, part in enumerate(self.components):
+            if part == "dense":
+                hidden = self.split_heads(torch.relu(self.hidden(x)))           # (B, H, N, d)
+                qf = torch.cat([hidden, hidden.new_ones(b, h, n, 1)], dim=-1)    # (B, H, N, d+1)
+                kf = torch.cat([self.w_dense[..., :n].transpose(-1, -2),
+                                self.b_dense[:, :n, None]], dim=-1)              # (H, N, d+1)
+            elif part == "factorized_random":
+                qf, kf = self.r1[:, :n], self.r2[:, :n]                          # (H, N, k)
+            else:  # vanilla
+                q, k = self.to_qk(x).chunk(2, dim=-1)
+                qf, kf = self.split_heads(q) / math.sqrt(self.head_dim), self.split_heads(k)
+            if alpha is not None:
+                qf = qf * alpha[c]
+            queries.append(qf.to(x.dtype).expand(b, h, n, -1))
+            keys.append(kf.to(x.dtype).expand(b, h, n, -1))
+        return torch.cat(queries, dim=-1), torch.cat(keys, dim=-1)
+
     # ------------------------------------------------------------------------------ public
     def attend(self, x, mask):
+        if self.low_rank:
+            return self.attend_low_rank(x, mask)
+        return self.attend_reference(x, mask)
+
+    def attend_low_rank(self, x, mask):
+        """One scaled_dot_product_attention call over the components' features (module doc)."""
+        d = self.head_dim
+        qf, kf = self.features(x)
+        v = self.split_heads(self.to_v(x))                                       # (B, H, N, d)
+        width = -(-max(qf.shape[-1], d) // 8) * 8
+        qf, kf, v = (F.pad(t, (0, width - t.shape[-1])) for t in (qf, kf, v))
+        out = sdpa_attention(qf, kf, v, self.causal, mask, scale=1.0)[..., :d]
+        return self.to_out(self.merge_heads(out))
+
+    def attend_reference(self, x, mask):
+        """The synthesized logits materialised (B, H, N, N), masked, softmax, times G(x)."""
         n = x.shape[1]
         v = self.split_heads(self.to_v(x))
         logits = self.logits(x, 0, self.keys(x), n)

@@ -63,25 +63,26 @@ def dense_allowed(n: int, causal: bool, key_mask: torch.Tensor | None, device=No
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                   key_mask: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+                   key_mask: torch.Tensor | None = None, offset: int = 0,
+                   scale: float | None = None) -> torch.Tensor:
     """Fast path through `scaled_dot_product_attention` (FlashAttention where it applies).
 
     key_mask (B, M): True = real key. `offset`: absolute position of the first query minus that of
     the first key, for causal decode against a cache (queries are the last N of M positions).
     Padded queries (where key_mask is False at their own position, self-attention only) are let see
-    every key so no row is empty; their outputs are not meaningful.
+    every key so no row is empty; their outputs are not meaningful. scale: None = 1/sqrt(d).
     """
     n, m = q.shape[-2], k.shape[-2]
     if key_mask is None:
         if not causal or n == 1 and offset == m - 1:
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if offset == 0 and n == m:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         allowed = causal_allowed(n, m, offset=offset, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     allowed = padding_allowed(key_mask)  # (B, 1, 1, M)
     if causal:
         allowed = allowed & causal_allowed(n, m, offset=offset, device=q.device)
     if n == m:
         allowed = allowed | ~key_mask[:, None, :, None]  # padded queries see everything
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
