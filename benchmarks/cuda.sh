@@ -2,8 +2,11 @@
 # The CUDA checks in one go (one H100, about 10 minutes at most): the GPU tests, then the CUDA
 # benchmark (bf16, forward+backward, N = 1k, 4k, 16k, 64k) of every registered mechanism with
 # the reference kernels (dense SDPA, causal dense SDPA, FlexAttention ±256 window) in the same
-# run, plus causal forward+backward of the mechanisms that decode. Everything lands in
-# "${OUT:-bench-results}": pytest-gpu.txt, bench-cuda.log, cuda/bench.{json,csv,md} and plots.
+# run, plus causal forward+backward of the mechanisms that decode. Before the benchmark, a
+# profile (PROFILE_BUDGET seconds, default 45; 0 skips it) of the mechanisms that missed a CUDA
+# target at 64k: the top kernels of their forward+backward, one table each in profile/.
+# Everything lands in "${OUT:-bench-results}": pytest-gpu.txt, bench-cuda.log, profile/*.txt,
+# cuda/bench.{json,csv,md} and plots.
 #
 #   bash benchmarks/cuda.sh                       # from the repository root
 #   SMOKE=1 bash benchmarks/cuda.sh               # 1 minute: 1k and 4k, a few mechanisms
@@ -34,6 +37,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # 5 = no GPU test collected: not a failure of this script
   if [ "$rc" != 0 ] && [ "$rc" != 5 ]; then status=$rc; fi
   echo "gpu tests: exit $rc after ${SECONDS}s"
+fi
+
+PROFILE_BUDGET="${PROFILE_BUDGET:-45}"
+if [ "$PROFILE_BUDGET" != 0 ] && [ "${SMOKE:-0}" != 1 ]; then
+  P0=$SECONDS
+  timeout $(( PROFILE_BUDGET + 60 )) "$PY" -m efficient_transformers.bench.profile \
+    --models "${PROFILE_MODELS:-etc,performer,linear_transformer,routing_transformer,sinkhorn_transformer,longformer,bigbird,reformer,axial_transformer,sparse_transformer}" \
+    --length "${PROFILE_LENGTH:-65536}" --device cuda --dtype bf16 --budget "$PROFILE_BUDGET" \
+    --out "$OUT/profile" 2>&1 | tee -a "$OUT/bench-cuda.log"
+  echo "profile: $(( SECONDS - P0 ))s"
 fi
 
 if [ "${SMOKE:-0}" = 1 ]; then

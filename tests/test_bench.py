@@ -272,3 +272,17 @@ def test_memory_run_comes_before_the_timed_runs_and_the_allocator_switch(monkeyp
     assert (peak, method, len(times)) == (123, "fake", 3)
     assert events == ["clear", "run", "clear", "baseline", "run", "peak read", "steady",
                       "clear", "run", "clear", "run", "clear", "run"]
+
+
+def test_profile_writes_a_table_per_mechanism_and_refuses_unknown_names(tmp_path, capsys):
+    from efficient_transformers.bench import profile
+
+    out = tmp_path / "profile"
+    assert profile.main(["--models", "linear_transformer", "--length", "64", "--device", "cpu",
+                         "--dtype", "fp32", "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
+    text = (out / "linear_transformer.txt").read_text()
+    assert "N=64 fp32 fwd+bwd" in text and "Self CPU" in text
+    assert "linear_transformer: N=64" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        profile.main(["--models", "nope", "--device", "cpu", "--out", str(out)])
+    assert stop.value.code == 2 and "--models" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""Where a layer's forward + backward spends its time: the top operators (CPU) or kernels (CUDA)
+of a few profiled steps, one text table per mechanism, for the mechanisms that miss a target.
+
+    python -m efficient_transformers.bench.profile --models performer,reformer --length 65536 \
+        --device cuda --dtype bf16 --out bench-results/profile --budget 60
+
+Each mechanism is built as the benchmark builds it (`measure.build_target`: default options,
+N-tied ones from `config.py`), run `--warmup` times, then profiled for `--steps` steps with
+`torch.profiler`. Writes <out>/<name>.txt (the table, sorted by device time on CUDA, by self CPU
+time on CPU) and prints one summary line per mechanism; a mechanism that fails (out of memory,
+say) gets its error in its file instead. Stops starting new mechanisms once `--budget` seconds
+have passed. `benchmarks/cuda.sh` runs it before the CUDA benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from .config import DTYPES
+from .measure import _sync, _training_step, build_target
+
+
+def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool = False,
+                      warmup: int = 2, steps: int = 2, rows: int = 15, dim: int = 512,
+                      heads: int = 8) -> tuple[str, float]:
+    """(the profiler's table for `steps` forward + backward steps of `name` at length n,
+    the median step time in ms over those steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    case = {"kind": "ours", "target": name, "n": n, "dim": dim, "heads": heads,
+            "causal": causal, "mode": "fwdbwd"}
+    layer, _ = build_target(case)
+    layer = layer.to(device=dev, dtype=getattr(torch, DTYPES[dtype]))
+    x = torch.randn(1, n, dim, device=dev, dtype=next(layer.parameters()).dtype)
+    step, clear = _training_step(layer, x)
+    for _ in range(warmup):
+        clear()
+        step()
+    _sync(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    times = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            clear()
+            start = time.perf_counter()
+            step()
+            _sync(dev)
+            times.append((time.perf_counter() - start) * 1e3)
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    return table, sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m efficient_transformers.bench.profile",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", required=True, help="comma-separated registry names")
+    p.add_argument("--length", type=int, default=65536)
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--out", default="bench-results/profile")
+    p.add_argument("--budget", type=float, default=60.0,
+                   help="seconds after which no new mechanism starts; default %(default)s")
+    args = p.parse_args(argv)
+    import efficient_transformers as et
+
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in et.list_attention()]
+    if unknown or not models:
+        p.error(f"--models: expected registered mechanisms from {et.list_attention()}, "
+                f"got {unknown or args.models!r}")
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    for name in models:
+        if time.perf_counter() - start > args.budget:
+            print(f"{name}: not profiled (budget of {args.budget:g} s spent)")
+            continue
+        try:
+            table, ms = profile_mechanism(name, args.length, args.device, args.dtype, args.causal,
+                                          args.warmup, args.steps, args.rows)
+            summary = f"{name}: N={args.length} {args.dtype} fwd+bwd {ms:.2f} ms per step"
+            text = f"{summary}\n\n{table}\n"
+        except Exception as err:  # noqa: BLE001 - an OOM or a failure is a result, not a stop
+            summary = f"{name}: N={args.length} failed: {type(err).__name__}: {err}"[:300]
+            text = summary + "\n"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        with open(os.path.join(args.out, f"{name}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        print(summary, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
