@@ -101,7 +101,9 @@ def linear_attention_oracle(attn, x, mask):
     from efficient_transformers.functional.kernels import naive_linear_attention
 
     q, k, v = attn.qkv(x)
-    phi_q, phi_k = attn.feature_maps(q, k, mask)
+    phi_q, phi_k, log_scale = attn.feature_maps(q, k, mask)
+    if log_scale is not None:
+        phi_k = phi_k * log_scale.exp()[..., None]
     out = naive_linear_attention(phi_q, phi_k, v, dense_allowed(x.shape[1], attn.causal, mask))
     return attn.to_out(attn.merge_heads(out))
 

@@ -11,7 +11,7 @@ from efficient_transformers.functional.fused_linear import projected_elu_linear_
 from efficient_transformers.functional.kernels import (
     causal_linear_attention, elu_feature_map, linear_attention, mask_features,
     naive_linear_attention, orthogonal_gaussian, recurrent_linear_attention, relu_feature_map,
-    softmax_feature_map,
+    softmax_feature_map, softmax_key_features,
 )
 from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask
 
@@ -32,7 +32,7 @@ def grads(out, tensors, seed=1):
     return torch.autograd.grad(out, tensors, upstream, retain_graph=True)
 
 
-def assert_same(a, b, tensors, tol=1e-12):
+def assert_same(a, b, tensors, tol=1e-12):  # noqa: D103 (values, then gradients)
     assert max_abs_diff(a, b) < tol
     for ga, gb in zip(grads(a, tensors), grads(b, tensors)):
         assert max_abs_diff(ga, gb) < tol
@@ -129,10 +129,67 @@ def test_causal_key_features_do_not_depend_on_later_keys():
     k = torch.randn(1, 2, 10, 8, dtype=torch.float64)
     k2 = k.clone()
     k2[..., 6:, :] *= 50  # far larger later keys
-    a = softmax_feature_map(k, omega, is_query=False, causal=True)
-    b = softmax_feature_map(k2, omega, is_query=False, causal=True)
-    assert torch.equal(a[..., :6, :], b[..., :6, :])
-    assert torch.isfinite(b).all() and (b <= 16 ** -0.5 + 1e-12).all()  # the bound: no overflow
+    (a, mu_a), (b, mu_b) = softmax_key_features(k, omega), softmax_key_features(k2, omega)
+    assert torch.equal(a[..., :6, :], b[..., :6, :]) and torch.equal(mu_a[..., :6], mu_b[..., :6])
+    # each key by itself: its largest feature is exactly 1/√m, whatever its norm
+    assert torch.allclose(b.amax(dim=-1), torch.full_like(mu_b, 16 ** -0.5))
+    assert torch.isfinite(mu_b).all() and mu_b[..., 6:].max() < mu_a[..., 6:].min()
+    full = softmax_feature_map(k, omega, is_query=False)       # one shift per head: one ratio
+    ratio = full / (a * mu_a.exp()[..., None])                  # (1, 2, 10, 16)
+    assert max_abs_diff(ratio / ratio[..., :1, :1], torch.ones_like(ratio)) < 1e-12
+
+
+def scaled_inputs(spread: float, dtype=torch.float64, seed: int = 0):
+    """ψ-like key features (max 1 per key) with log-scales spread over `spread` nats."""
+    gen = torch.Generator().manual_seed(seed)
+    (q, k, v), _ = inputs(False, seed)
+    k = (k / k.amax(dim=-1, keepdim=True)).detach().to(dtype).requires_grad_()
+    mu = (torch.rand(B, H, N, dtype=torch.float64, generator=gen) - 0.5) * spread
+    return q.detach().to(dtype).requires_grad_(), k, v.detach().to(dtype).requires_grad_(), mu.to(dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_scaled_causal_form_equals_oracle_and_recurrent(chunk, padded):
+    q, k, v, mu = scaled_inputs(40.0, seed=chunk)
+    mask = random_mask(B, N, generator=torch.Generator().manual_seed(chunk)) if padded else None
+    km = mask_features(k, mask)
+    fast = causal_linear_attention(q, km, v, chunk_size=chunk, key_log_scale=mu)
+    allowed = causal_allowed(N, N)
+    if mask is not None:
+        allowed = allowed & padding_allowed(mask)
+    slow = naive_linear_attention(q, k * mu.exp()[..., None], v, allowed)
+    assert_same(fast, slow, (q, k, v), tol=1e-11)
+    recurrent, _ = recurrent_linear_attention(q, km, v, key_log_scale=mu)
+    assert_same(fast, recurrent, (q, k, v), tol=1e-11)
+
+
+def test_scaled_causal_form_continues_from_a_state():
+    q, k, v, mu = scaled_inputs(60.0, seed=3)
+    full, (s_full, r_full) = causal_linear_attention(q, k, v, chunk_size=4, return_state=True,
+                                                     key_log_scale=mu)
+    cut = 10
+    first, state = causal_linear_attention(q[..., :cut, :], k[..., :cut, :], v[..., :cut, :],
+                                           chunk_size=8, return_state=True,
+                                           key_log_scale=mu[..., :cut])
+    second, (s, r) = causal_linear_attention(q[..., cut:, :], k[..., cut:, :], v[..., cut:, :],
+                                             chunk_size=3, state=state, return_state=True,
+                                             key_log_scale=mu[..., cut:])
+    assert max_abs_diff(torch.cat([first, second], dim=-2), full) < 1e-12
+    assert torch.equal(r, r_full) and torch.equal(r_full, mu.amax(dim=-1))
+    assert max_abs_diff(s, s_full) < 1e-12
+    _, (s_rnn, r_rnn) = recurrent_linear_attention(q, k, v, key_log_scale=mu)
+    assert torch.equal(r_rnn, r_full) and max_abs_diff(s_rnn, s_full) < 1e-10
+
+
+def test_scaled_causal_form_keeps_keys_far_below_the_largest_in_float32():
+    # log-scales 300 nats apart: exp(μ) alone over- and underflows float32, the scaled form not
+    q, k, v, mu = scaled_inputs(300.0, dtype=torch.float64, seed=4)
+    slow = naive_linear_attention(q, k * mu.exp()[..., None], v, causal_allowed(N, N))
+    fast = causal_linear_attention(q.float(), k.float(), v.float(), chunk_size=4,
+                                   key_log_scale=mu.float())
+    assert torch.isfinite(fast).all()
+    assert max_abs_diff(fast.double(), slow) < 1e-4
 
 
 def test_padded_keys_have_zero_features_and_gradients():

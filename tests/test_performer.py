@@ -7,8 +7,8 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import dense_allowed, naive_attention
 from efficient_transformers.functional.kernels import (
-    causal_linear_attention, linear_attention, orthogonal_gaussian,
-    softmax_feature_map,
+    causal_linear_attention, linear_attention, orthogonal_gaussian, softmax_feature_map,
+    softmax_key_features,
 )
 from helpers import linear_attention_oracle, DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
 
@@ -44,9 +44,12 @@ def test_approximation_error_falls_as_features_grow(causal):
             torch.manual_seed(seed)
             omega = orthogonal_gaussian(m, d, dtype=torch.float64)
             phi_q = softmax_feature_map(q, omega, is_query=True)
-            phi_k = softmax_feature_map(k, omega, is_query=False, causal=causal)
-            approx = (causal_linear_attention(phi_q, phi_k, v, chunk_size=16) if causal
-                      else linear_attention(phi_q, phi_k, v))
+            if causal:
+                psi_k, log_scale = softmax_key_features(k, omega)
+                approx = causal_linear_attention(phi_q, psi_k, v, chunk_size=16,
+                                                 key_log_scale=log_scale)
+            else:
+                approx = linear_attention(phi_q, softmax_feature_map(k, omega, is_query=False), v)
             err += (approx - exact).abs().mean().item() / 4
         errors.append(err)
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
@@ -105,17 +108,31 @@ def test_causal_rows_ignore_extreme_future_values():
     assert max_abs_diff(y[:, :10], y2[:, :10]) < 1e-12
 
 
-@pytest.mark.parametrize("causal,scale", [(False, 30.0), (True, 4.0)])
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_large_inputs_stay_finite_in_half_precision(causal, scale, dtype):
-    # causal keys use a data-independent stabiliser (max |ω|²/2), so keys of very large norm
-    # underflow there (documented in functional/kernels.py); non-causal takes a max over keys
+def test_large_inputs_stay_finite_in_half_precision(causal, dtype):
     attn = small_attention("performer", causal=causal, dtype=dtype).train()
-    x = (torch.randn(2, 300, DIM) * scale).to(dtype).requires_grad_()
+    x = (torch.randn(2, 300, DIM) * 30.0).to(dtype).requires_grad_()
     y = attn(x, random_mask(2, 300))
     assert y.dtype == dtype and torch.isfinite(y).all()
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_causal_keys_of_large_norm_keep_their_weight_in_float32():
+    # keys whose features are ~e^-150 below the bound max|ω|²/2: a shared data-independent shift
+    # would underflow them in float32; each key's own log-scale keeps the float64 result
+    attn = small_attention("performer", causal=True, features=64, chunk_size=8)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, N, DIM, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        attn.to_qkv.weight[DIM:2 * DIM] *= 12.0            # key rows: norms far above the queries'
+        exact = attn(x)
+        _, _, log_scale = attn.feature_maps(*attn.qkv(x)[:2], None)
+        assert log_scale.min() < -150                        # exp(-150) is 0 in float32
+        fast = attn.float()(x.float())
+    assert torch.isfinite(fast).all()
+    assert max_abs_diff(fast.double(), exact) < 1e-4 * (1 + exact.abs().max().item())
 
 
 def test_decode_state_does_not_grow():

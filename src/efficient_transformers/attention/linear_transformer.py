@@ -32,7 +32,9 @@ from .base import Attention, check_positive_int
 
 class KernelAttention(Attention):
     """Shared parts of the kernelised attentions: projections, the three forms, decode.
-    Subclasses define `feature_maps(q, k, key_mask) -> (phi_q, phi_k)` on (B, H, N, d) tensors."""
+    Subclasses define `feature_maps(q, k, key_mask) -> (phi_q, phi_k, key_log_scale)` on
+    (B, H, N, d) tensors: the key features are exp(key_log_scale) phi_k, key_log_scale (B, H, N)
+    or None (= 0)."""
 
     def __init__(self, dim: int, heads: int, causal: bool, chunk_size: int):
         super().__init__(dim, heads, causal)
@@ -50,23 +52,25 @@ class KernelAttention(Attention):
 
     def attend(self, x, mask):
         q, k, v = self.qkv(x)
-        phi_q, phi_k = self.feature_maps(q, k, mask)
+        phi_q, phi_k, log_scale = self.feature_maps(q, k, mask)
         phi_k = mask_features(phi_k, mask)
         if self.causal:
-            out = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size)
-        else:
+            out = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
+                                          key_log_scale=log_scale)
+        else:  # (non-causal feature maps give no log-scale)
             out = linear_attention(phi_q, phi_k, v)
         return self.to_out(self.merge_heads(out).to(x.dtype))
 
     def decode_step(self, x_new, state):
         q, k, v = self.qkv(x_new)
-        phi_q, phi_k = self.feature_maps(q, k, None)
-        kv = None if state is None else state["kv"]
+        phi_q, phi_k, log_scale = self.feature_maps(q, k, None)
+        kv = None if state is None else state["kv"]   # S, or (S, r) with key log-scales
         if x_new.shape[1] == 1:  # the RNN step of section 3.4
-            out, kv = linear_attention_step(phi_q, phi_k, v, kv)
+            out, kv = linear_attention_step(phi_q, phi_k, v, kv, log_scale)
         else:                    # a prompt: the chunked form continued from the state
             out, kv = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
-                                              state=kv, return_state=True)
+                                              state=kv, return_state=True,
+                                              key_log_scale=log_scale)
         length = (0 if state is None else state["length"]) + x_new.shape[1]
         return self.to_out(self.merge_heads(out).to(x_new.dtype)), {"kv": kv, "length": length}
 
@@ -84,7 +88,7 @@ class LinearTransformerAttention(KernelAttention):
         super().__init__(dim, heads, causal, chunk_size)
 
     def feature_maps(self, q, k, key_mask):
-        return elu_feature_map(q), elu_feature_map(k)
+        return elu_feature_map(q), elu_feature_map(k), None
 
     def attend(self, x, mask):
         # KernelAttention.attend fused into one autograd node (same values and gradients)

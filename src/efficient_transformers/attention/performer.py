@@ -11,8 +11,12 @@ kept in the `omega` buffer (saved with the model). In training mode they are red
 `redraw_interval` forward calls (0 = never), as the paper recommends; eval mode never redraws,
 and decode never redraws (the state depends on the features).
 
-Exponent stabilisation (bf16/fp16 safe, strictly causal): see
-`functional.kernels.softmax_feature_map`; features and sums are computed in float32 or wider.
+Exponent stabilisation (bf16/fp16 safe, strictly causal): queries and non-causal keys by a max
+that cancels (`functional.kernels.softmax_feature_map`); causal keys each by their own max,
+carried as a log-scale and weighed against the running max of the keys so far
+(`softmax_key_features`, `causal_linear_attention(key_log_scale=...)`), so no key's features
+depend on a later key and no key of large norm underflows. Features and sums are computed in
+float32 or wider.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..functional.kernels import (
-    orthogonal_gaussian, relu_feature_map, softmax_feature_map,
+    orthogonal_gaussian, relu_feature_map, softmax_feature_map, softmax_key_features,
 )
 from ..registry import register
 from .base import check_choice, check_positive_int
@@ -63,9 +67,11 @@ class PerformerAttention(KernelAttention):
     def feature_maps(self, q, k, key_mask):
         omega = self.omega.to(q.dtype)
         if self.kernel == "relu":
-            return relu_feature_map(q, omega), relu_feature_map(k, omega)
-        return (softmax_feature_map(q, omega, is_query=True),
-                softmax_feature_map(k, omega, is_query=False, causal=self.causal, key_mask=key_mask))
+            return relu_feature_map(q, omega), relu_feature_map(k, omega), None
+        phi_q = softmax_feature_map(q, omega, is_query=True)
+        if self.causal:  # each key stabilised by itself, weighed against the running max
+            return (phi_q,) + softmax_key_features(k, omega, key_mask)
+        return phi_q, softmax_feature_map(k, omega, is_query=False, key_mask=key_mask), None
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", features={self.features}, kernel={self.kernel!r}, "

@@ -75,40 +75,64 @@ def orthogonal_gaussian(m: int, d: int, device=None, dtype=torch.float32) -> tor
     return (omega * norms).to(dtype)
 
 
+def _favor_exponents(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """ωᵀx' (B, H, N, m) with x' = x d^-¼, so that exp(qᵀk/√d) = exp(q'ᵀk')."""
+    return torch.matmul(x * x.shape[-1] ** -0.25, omega.T.to(x.dtype))
+
+
 def softmax_feature_map(x: torch.Tensor, omega: torch.Tensor, is_query: bool,
-                        causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """FAVOR+ positive features of x (B, H, N, d) -> (B, H, N, m), for the kernel exp(qᵀk / √d).
 
     The exponent is stabilised by subtracting a constant that cancels in the attention ratio:
     - queries: a per-position max over features of ωᵀq (scales φ(q_i) by c_i, which cancels
       between numerator and denominator of row i; the |q|²/2 term cancels the same way and is
       dropped). Strictly causal.
-    - keys, non-causal: one max over every real key and feature (per batch and head); padded keys
-      (key_mask False) get exactly zero features before the max, so padding never moves it.
-    - keys, causal: a bound that depends on ω only: ωᵀk − |k|²/2 = |ω|²/2 − |k − ω|²/2 ≤ |ω|²/2,
-      so subtracting max_r |ω_r|²/2 never overflows and no future key can change a past row
-      (the public implementation uses the max over all keys, which leaks the future). The cost:
-      a key's features are at most exp(−|k − ω|²/2) below the bound, so in float32 keys of scaled
-      squared norm |k|²/√d above ~150 underflow to zero weight (an exact chunk-wise running max
-      with decays would avoid it; not done).
+    - keys (non-causal use): one max over every real key and feature (per batch and head);
+      padded keys (key_mask False) get exactly zero features before the max, so padding never
+      moves it. Causal keys take `softmax_key_features`: a max over later keys would leak them.
     Stabilisers are detached (they cancel, so their gradient is zero anyway).
     """
-    d = x.shape[-1]
-    x = x * d ** -0.25                              # exp(qᵀk/√d) = exp((q d^-¼)ᵀ(k d^-¼))
-    proj = torch.matmul(x, omega.T.to(x.dtype))     # (B, H, N, m)
     m = omega.shape[0]
+    proj = _favor_exponents(x, omega)                # (B, H, N, m)
     if is_query:
         shift = proj.amax(dim=-1, keepdim=True).detach()
         return torch.exp(proj - shift) * m ** -0.5
-    proj = proj - 0.5 * x.square().sum(dim=-1, keepdim=True)
-    if key_mask is not None:  # padded keys: exp(-inf) = 0, with a zero (not NaN) gradient
-        proj = proj.masked_fill(~key_mask[:, None, :, None], float("-inf"))
-    if causal:
-        shift = 0.5 * omega.to(x.dtype).square().sum(dim=-1).amax().detach()
-    else:
-        shift = proj.amax(dim=(-1, -2), keepdim=True).detach()
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    proj = _key_exponents(proj, x, key_mask)
+    shift = proj.amax(dim=(-1, -2), keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     return torch.exp(proj - shift) * m ** -0.5
+
+
+def _key_exponents(proj: torch.Tensor, x: torch.Tensor, key_mask) -> torch.Tensor:
+    """ωᵀk' − |k'|²/2, −inf at padded keys (exp gives 0 with a zero, not NaN, gradient)."""
+    proj = proj - 0.5 * x.square().sum(dim=-1, keepdim=True) * x.shape[-1] ** -0.5
+    if key_mask is not None:
+        proj = proj.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+    return proj
+
+
+LOG_SCALE_FLOOR = -1e30  # the log-scale of keys that carry nothing (padding): never a maximum
+
+
+def softmax_key_features(x: torch.Tensor, omega: torch.Tensor,
+                         key_mask: torch.Tensor | None = None):
+    """FAVOR+ key features for causal attention, each key stabilised by itself:
+    x (B, H, N, d) -> (ψ (B, H, N, m), log-scale μ (B, H, N)) with φ(k_j) = exp(μ_j) ψ_j,
+    μ_j = max over features of ωᵀk_j' − |k_j'|²/2 (detached), so max ψ_j = 1/√m for every key.
+
+    No shared constant: a key's features never depend on another key (strictly causal) and never
+    underflow because of one. The forms with `key_log_scale` (`causal_linear_attention`,
+    `linear_attention_step`) weigh keys by exp(μ_j − s_i), s_i the running max of μ up to query i,
+    which is at most 1: exact for any spread of key norms that float32 exp can express relative to
+    the running max. Padded keys: ψ = 0, μ = LOG_SCALE_FLOOR.
+    """
+    m = omega.shape[0]
+    proj = _key_exponents(_favor_exponents(x, omega), x, key_mask)          # (B, H, N, m)
+    log_scale = proj.amax(dim=-1).detach()                                   # (B, H, N)
+    log_scale = torch.where(torch.isfinite(log_scale), log_scale,
+                            torch.full_like(log_scale, LOG_SCALE_FLOOR))
+    return torch.exp(proj - log_scale[..., None]) * m ** -0.5, log_scale
 
 
 def relu_feature_map(x: torch.Tensor, omega: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -135,12 +159,15 @@ def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) 
 
 
 def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
-                            chunk_size: int = DEFAULT_CHUNK, state: torch.Tensor | None = None,
-                            return_state: bool = False):
+                            chunk_size: int = DEFAULT_CHUNK, state=None,
+                            return_state: bool = False, key_log_scale: torch.Tensor | None = None):
     """Chunked causal form: output i = Σ_{j≤i} (φq_i·φk_j) v_j / Σ_{j≤i} φq_i·φk_j.
 
     phi_q, phi_k (B, H, N, m), v (B, H, N, d); `state` (B, H, m, d+1): Σ φ(k) [v, 1] over tokens
     before this call (decode), or None. Returns out (B, H, N, d) [, new state (B, H, m, d+1)].
+    key_log_scale (B, H, N): the keys' features are exp(μ_j) phi_k_j (`softmax_key_features`);
+    then the state is a pair (S (B, H, m, d+1), r (B, H)) holding Σ exp(μ_j − r) phi_k_j [v_j, 1]
+    with r the largest μ so far (`_scaled_causal_parts`).
     """
     n, d = v.shape[-2], v.shape[-1]
     c = max(1, min(chunk_size, n))
@@ -153,44 +180,95 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     q = q.view(b, h, nc, c, m)
     k = k.view(b, h, nc, c, m)
     vv = vv.view(b, h, nc, c, d + 1)
-    # inside chunks: explicit causal product                                 (B, H, nc, C, C)
-    scores = torch.matmul(q, k.transpose(-1, -2))
     tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    out = torch.matmul(scores.masked_fill(~tril, 0.0), vv)                 # (B, H, nc, C, d+1)
-    # across chunks: exclusive prefix sum of per-chunk states               (B, H, nc, m, d+1)
-    chunk_states = torch.matmul(k.transpose(-1, -2), vv)
-    inclusive = chunk_states.cumsum(dim=2)
-    prefix = inclusive - chunk_states
-    if state is not None:
-        prefix = prefix + state[:, :, None].to(prefix.dtype)
-    out = out + torch.matmul(q, prefix)
+    if key_log_scale is not None:
+        out, final = _scaled_causal_parts(q, k, vv, key_log_scale, tril, state)
+    else:
+        # inside chunks: explicit causal product                             (B, H, nc, C, C)
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        out = torch.matmul(scores.masked_fill(~tril, 0.0), vv)             # (B, H, nc, C, d+1)
+        # across chunks: exclusive prefix sum of per-chunk states           (B, H, nc, m, d+1)
+        chunk_states = torch.matmul(k.transpose(-1, -2), vv)
+        inclusive = chunk_states.cumsum(dim=2)
+        prefix = inclusive - chunk_states
+        if state is not None:
+            prefix = prefix + state[:, :, None].to(prefix.dtype)
+        out = out + torch.matmul(q, prefix)
+        final = inclusive[:, :, -1] if state is None else inclusive[:, :, -1] + state.to(inclusive.dtype)
     out = out.reshape(b, h, npad, d + 1)[:, :, :n]
     result = safe_divide(out[..., :-1], out[..., -1:])
-    if not return_state:
-        return result
-    final = inclusive[:, :, -1]
-    if state is not None:
-        final = final + state.to(final.dtype)
-    return result, final
+    return (result, final) if return_state else result
+
+
+def _scaled_causal_parts(q, k, vv, log_scale, tril, state):
+    """The chunked causal sums with key log-scales μ (B, H, N), every term relative to a running
+    max so that no weight exceeds 1 and the largest key so far weighs exactly 1.
+
+    q, k (B, H, nc, C, m), vv (B, H, nc, C, d+1); state None or (S, r). Query i divides its row
+    by exp(s_i), s_i = max(r, μ_0..μ_i) (cummax: causal). Inside a chunk the weight of key j is
+    (φq_i·ψ_j) exp(μ_j − s_i); across chunks each chunk's state U_c = Σ_{j∈c} exp(μ_j − t_c) ψ_j
+    [v_j, 1] is taken at its own max t_c, the prefix before chunk c at r_c = max(r, t_0..t_{c−1})
+    through the (nc × nc) weights exp(t_c' − r_c), c' < c, and reaches query i as exp(r_c − s_i).
+    Returns (out (B, H, nc, C, d+1) in the rows' scales, final state (S, r))."""
+    b, h, nc, c, _ = q.shape
+    mu = log_scale.to(q.dtype)
+    mu = torch.nn.functional.pad(mu, (0, nc * c - mu.shape[-1]), value=LOG_SCALE_FLOOR)
+    r0 = None if state is None else state[1].to(q.dtype)                     # (B, H)
+    s = torch.cummax(mu, dim=-1).values                                      # (B, H, Np)
+    if r0 is not None:
+        s = torch.maximum(s, r0[..., None])
+    mu, s = mu.view(b, h, nc, c), s.view(b, h, nc, c)
+    # inside chunks: weights exp(μ_j − s_i) for j ≤ i                        (B, H, nc, C, C)
+    rel = (mu[..., None, :] - s[..., :, None]).masked_fill(~tril, float("-inf"))
+    out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * rel.exp(), vv)
+    # across chunks
+    top = mu.amax(dim=-1)                                                    # t_c (B, H, nc)
+    chunk_states = torch.matmul((k * (mu - top[..., None]).exp()[..., None]).transpose(-1, -2), vv)
+    floor = torch.full_like(top[..., :1], LOG_SCALE_FLOOR) if r0 is None else r0[..., None]
+    ref = torch.cat([floor, torch.cummax(top, dim=-1).values[..., :-1]], dim=-1)   # r_c
+    ref = torch.maximum(ref, floor)
+    before = torch.ones(nc, nc, dtype=torch.bool, device=q.device).tril(-1)
+    weights = (top[..., None, :] - ref[..., :, None]).masked_fill(~before, float("-inf")).exp()
+    prefix = torch.matmul(weights, chunk_states.flatten(-2)).view_as(chunk_states)  # (B, H, nc, m, d+1)
+    last = torch.maximum(top.amax(dim=-1), floor[..., 0])                    # final r (B, H)
+    final = torch.matmul((top - last[..., None]).exp()[..., None, :], chunk_states.flatten(-2))
+    final = final.view_as(chunk_states[:, :, 0])
+    if r0 is not None:
+        prefix = prefix + (r0[..., None] - ref).exp()[..., None, None] * state[0][:, :, None].to(q.dtype)
+        final = final + (r0 - last).exp()[..., None, None] * state[0].to(q.dtype)
+    out = out + torch.matmul(q, prefix) * (ref[..., None] - s).exp()[..., None]
+    return out, (final, last)
 
 
 def linear_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
-                          state: torch.Tensor | None = None):
+                          state=None, key_log_scale: torch.Tensor | None = None):
     """Recurrent form, one token: phi_q, phi_k (B, H, 1, m), v (B, H, 1, d), state (B, H, m, d+1)
-    -> (out (B, H, 1, d), new state). The state's size does not depend on the length seen."""
+    -> (out (B, H, 1, d), new state). The state's size does not depend on the length seen.
+    key_log_scale (B, H, 1): the key's features are exp(μ) phi_k; the state is then (S, r), S
+    relative to r, the largest μ so far (see `causal_linear_attention`)."""
     update = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))  # (B, H, m, d+1)
-    state = update if state is None else state + update
-    out = torch.matmul(phi_q, state)
-    return safe_divide(out[..., :-1], out[..., -1:]), state
+    if key_log_scale is None:
+        state = update if state is None else state + update
+        out = torch.matmul(phi_q, state)
+        return safe_divide(out[..., :-1], out[..., -1:]), state
+    mu = key_log_scale[..., 0].to(update.dtype)                        # (B, H)
+    if state is None:
+        s, r = update, mu
+    else:
+        r = torch.maximum(state[1].to(mu.dtype), mu)
+        s = (state[1] - r).exp()[..., None, None] * state[0] + (mu - r).exp()[..., None, None] * update
+    out = torch.matmul(phi_q, s)
+    return safe_divide(out[..., :-1], out[..., -1:]), (s, r)
 
 
 def recurrent_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
-                               state: torch.Tensor | None = None):
+                               state=None, key_log_scale: torch.Tensor | None = None):
     """The RNN over a whole sequence, token by token (reference for tests and short decodes)."""
     outs = []
     for i in range(v.shape[-2]):
+        scale = None if key_log_scale is None else key_log_scale[..., i:i + 1]
         y, state = linear_attention_step(phi_q[..., i:i + 1, :], phi_k[..., i:i + 1, :],
-                                         v[..., i:i + 1, :], state)
+                                         v[..., i:i + 1, :], state, scale)
         outs.append(y)
     return torch.cat(outs, dim=-2), state
 
