@@ -117,3 +117,50 @@ def test_bad_global_inputs_are_refused():
 
 def test_model_trains(one_thread):
     assert_classifier_trains("etc", window=3, num_global=2, max_distance=4)
+
+
+def test_model_carries_the_global_states_through_its_layers():
+    torch.manual_seed(0)
+    model = et.build_model("etc", task="classify", vocab_size=11, dim=16, depth=2, heads=2,
+                           max_len=24, pooling="mean", window=3, num_global=2, max_distance=4)
+    model = model.double().eval()
+    encoder = model.encoder
+    assert all(block.attention.global_tokens is None for block in encoder.blocks)
+    tokens = torch.randint(0, 11, (2, 17))
+    hidden = model(tokens).hidden
+    # by hand: layer 2 reads the global states layer 1 left, not fresh tokens
+    x = encoder.embed_tokens(tokens)
+    g = encoder.global_tokens.double().expand(2, -1, -1)
+    for block in encoder.blocks:
+        long_out, glob_out = block.attention.forward_with_globals(block.norm1(x),
+                                                                  global_tokens=block.norm1(g))
+        x, g = x + long_out, g + glob_out
+        x, g = x + block.mlp(block.norm2(x)), g + block.mlp(block.norm2(g))
+    assert max_abs_diff(hidden, encoder.norm(x)) < 1e-12
+    assert max_abs_diff(encoder.global_states, encoder.norm(g)) < 1e-12
+    # the first layer's global update reaches the output only through the second layer
+    with torch.no_grad():
+        bias = encoder.blocks[0].attention.to_out_global.bias
+        bias += torch.randn(bias.shape, dtype=bias.dtype)
+    assert max_abs_diff(model(tokens).hidden, hidden) > 1e-6
+
+
+def test_model_trains_the_global_path_and_layers_need_globals_without_their_own():
+    torch.manual_seed(0)
+    model = et.build_model("etc", task="classify", vocab_size=11, dim=16, depth=2, heads=2,
+                           max_len=24, window=3, num_global=2, max_distance=4)
+    tokens = torch.randint(0, 11, (2, 17))
+    model(tokens, labels=torch.tensor([0, 1])).loss.backward()
+    unused = {n for n, p in model.named_parameters() if p.grad is None}
+    # the heads read the long tokens: only the last layer's global update and, without
+    # segment_ids, the l2g biases go unused (the trainer's DDP finds unused parameters)
+    last = "encoder.blocks.1.attention."
+    assert unused == {last + "to_out_global.weight", last + "to_out_global.bias",
+                      last + "g2g_bias", last + "l2g_bias", "encoder.blocks.0.attention.l2g_bias"}
+    with pytest.raises(ValueError, match="learned_globals"):
+        et.build_model("etc", task="classify", learned_globals=True)
+    layer = et.build_attention("etc", dim=16, heads=2, learned_globals=False)
+    with pytest.raises(ValueError, match="global_tokens"):
+        layer(torch.randn(1, 9, 16))
+    with pytest.raises(ValueError, match="learned_globals"):
+        et.build_attention("etc", dim=16, heads=2, learned_globals="no")

@@ -11,10 +11,13 @@ g2l is hard-masked (a global token sees only the long tokens of its segment) and
 learned per-head bias for "my own global token" vs another one.
 Global and long inputs have separate Q/K/V and output projections here.
 
-The global input: `num_global` learned tokens by default (one set per layer), or the caller's
-`global_tokens` (B, G, dim). `forward` returns only the long outputs (B, N, dim), so the layer drops
-into any model; the updated global states (B, G, dim) of the last call are kept in
-`self.global_states`, and `forward_with_globals` returns both.
+The global input: `num_global` learned tokens of the layer (`learned_globals=True`, so the layer
+drops into any model), or the caller's `global_tokens` (B, G, dim). `forward` returns only the
+long outputs (B, N, dim); the updated global states (B, G, dim) of the last call are kept in
+`self.global_states`, and `forward_with_globals` returns both. `build_model("etc")`
+(`models/etc.py`) carries the global states from layer to layer, as the paper's two input
+sequences: its layers have `learned_globals=False` (no per-layer tokens left unused) and one set of
+`num_global` tokens enters the first layer.
 
 Encoder only (survey Table 1: no decode); `causal=True` is refused.
 CPU and CUDA path: the long queries' window blocks with the global keys appended (one softmax,
@@ -37,13 +40,16 @@ class ETCAttention(Attention):
     small_options = {"window": 3, "num_global": 3, "max_distance": 4}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, window: int = 84,
-                 num_global: int = 8, max_distance: int = 12):
+                 num_global: int = 8, max_distance: int = 12, learned_globals: bool = True):
         super().__init__(dim, heads, causal)
         self.window = check_positive_int("window", window)
         self.num_global = check_positive_int("num_global", num_global)
         self.max_distance = check_positive_int("max_distance", max_distance)
+        if not isinstance(learned_globals, bool):
+            raise ValueError(f"learned_globals: expected True or False, got {learned_globals!r}")
         self.block = local_block_size(window)
-        self.global_tokens = nn.Parameter(torch.randn(num_global, dim) * 0.02)
+        self.global_tokens = (nn.Parameter(torch.randn(num_global, dim) * 0.02)
+                              if learned_globals else None)
         self.to_qkv_long = nn.Linear(dim, 3 * dim)
         self.to_qkv_global = nn.Linear(dim, 3 * dim)
         self.to_out_long = nn.Linear(dim, dim)
@@ -56,6 +62,9 @@ class ETCAttention(Attention):
     def check_globals(self, x, global_tokens, segment_ids):
         b, n, _ = x.shape
         g = self.num_global
+        if global_tokens is None and self.global_tokens is None:
+            raise ValueError(f"global_tokens: this layer has no learned global tokens "
+                             f"(learned_globals=False); pass global_tokens of shape ({b}, G, {self.dim})")
         if global_tokens is not None:
             if not isinstance(global_tokens, torch.Tensor) or not global_tokens.is_floating_point():
                 raise TypeError(f"global_tokens: expected a float tensor of shape ({b}, G, "
@@ -103,4 +112,4 @@ class ETCAttention(Attention):
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, window={self.window}, num_global={self.num_global}, "
-                f"max_distance={self.max_distance}")
+                f"max_distance={self.max_distance}, learned_globals={self.global_tokens is not None}")

@@ -328,8 +328,11 @@ class DualEncoder(TaskModel):
 def build_generic_model(name: str, task: str = "lm", *, vocab_size: int = 256,
                         num_classes: int = 2, dim: int = 128, depth: int = 2, heads: int = 4,
                         max_len: int = 1024, mlp_dim: int | None = None, dropout: float = 0.0,
-                        positions: str = "learned", pooling: str = "cls", **options) -> TaskModel:
-    """The default model for attention `name`; `options` go to the attention layers."""
+                        positions: str = "learned", pooling: str = "cls",
+                        encoder_class: type[Encoder] | None = None, **options) -> TaskModel:
+    """The default model for attention `name`; `options` go to the attention layers.
+    `encoder_class`: an `Encoder` subclass for mechanism-specific models (not saved in the
+    config: their registered builder passes it again)."""
     check_choice("task", task, TASKS)
     check_choice("positions", positions, POSITIONS)
     check_choice("pooling", pooling, POOLINGS)
@@ -346,9 +349,10 @@ def build_generic_model(name: str, task: str = "lm", *, vocab_size: int = 256,
                   positions=positions, pooling=pooling, **options)
     mlp_dim = mlp_dim or 4 * dim
     extra = 1 if (task != "lm" and pooling == "cls") else 0  # the CLS token takes a position
-    encoder = Encoder(name, vocab_size=vocab_size, dim=dim, depth=depth, heads=heads,
-                      max_len=max_len + extra, causal=(task == "lm"), mlp_dim=mlp_dim,
-                      dropout=dropout, positions=positions, options=options)
+    encoder = (encoder_class or Encoder)(
+        name, vocab_size=vocab_size, dim=dim, depth=depth, heads=heads, max_len=max_len + extra,
+        causal=(task == "lm"), mlp_dim=mlp_dim, dropout=dropout, positions=positions,
+        options=options)
     if task == "lm":
         return LanguageModel(config, encoder, vocab_size, dim)
     if task == "classify":
