@@ -137,7 +137,7 @@ def build_target(case: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]
     raise ValueError(f"case kind: expected ours, ref or peer, got {kind!r}")
 
 
-def _sync(device):
+def sync_device(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -161,10 +161,10 @@ def _timed(fn, device, warmup: int, repeats: int, start_peak, between=None,
     for _ in range(repeats):
         if between is not None:
             between()
-        _sync(device)
+        sync_device(device)
         t0 = clock()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append(clock() - t0)
     return times, peak_bytes, method
 
@@ -204,7 +204,7 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
             times, peak_bytes, method = _timed(lambda: layer(x), device, warmup, repeats, start_peak,
                                  clock=clock)
     elif mode == "fwdbwd":
-        step, clear = _training_step(layer, x)
+        step, clear = training_step(layer, x)
         times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak, between=clear,
                              clock=clock)
         if case.get("pair"):
@@ -221,7 +221,7 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _training_step(layer, x):
+def training_step(layer, x):
     """(step, clear) for forward + backward of `layer` on x (B, N, dim) with a fixed random output
     gradient (and the layer's aux loss, if it has one, with gradient 1)."""
     layer.train()
@@ -254,7 +254,7 @@ def _paired(case, peer_layer, x, device, dtype, clock) -> dict[str, Any]:
                                 options=pair.get("options") or {}))
     ours = ours.to(device=device, dtype=dtype)
     x_ours = x.detach().clone()
-    sides = {"ours": _training_step(ours, x_ours), "peer": _training_step(peer_layer, x)}
+    sides = {"ours": training_step(ours, x_ours), "peer": training_step(peer_layer, x)}
     for _ in range(case["warmup"]):
         for step, clear in sides.values():
             clear()
@@ -264,10 +264,10 @@ def _paired(case, peer_layer, x, device, dtype, clock) -> dict[str, Any]:
         for side in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
             step, clear = sides[side]
             clear()
-            _sync(device)
+            sync_device(device)
             t0 = clock()
             step()
-            _sync(device)
+            sync_device(device)
             times[side].append(clock() - t0)
     ours_ms, peer_ms = (statistics.median(times[k]) * 1e3 for k in ("ours", "peer"))
     return {"ours_ms": ours_ms, "peer_ms": peer_ms, "ratio": ours_ms / peer_ms,
@@ -286,10 +286,10 @@ def _decode(layer, x, case, start_peak) -> dict[str, Any]:
     def generate(times=None):
         _, state = layer.decode(x[:, : n - tokens], None)
         for t in range(n - tokens, n):
-            _sync(device)
+            sync_device(device)
             t0 = clock()
             _, state = layer.decode(x[:, t: t + 1], state)
-            _sync(device)
+            sync_device(device)
             if times is not None:
                 times.append(clock() - t0)
         return state

@@ -21,7 +21,7 @@ import time
 import torch
 
 from .config import DTYPES
-from .measure import _sync, _training_step, build_target
+from .measure import build_target, sync_device, training_step
 
 
 def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool = False,
@@ -38,11 +38,11 @@ def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
     layer, _ = build_target(case)
     layer = layer.to(device=dev, dtype=getattr(torch, DTYPES[dtype]))
     x = torch.randn(1, n, dim, device=dev, dtype=next(layer.parameters()).dtype)
-    step, clear = _training_step(layer, x)
+    step, clear = training_step(layer, x)
     for _ in range(warmup):
         clear()
         step()
-    _sync(dev)
+    sync_device(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     times = []
     with profile(activities=activities) as prof:
@@ -50,7 +50,7 @@ def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
             clear()
             start = time.perf_counter()
             step()
-            _sync(dev)
+            sync_device(dev)
             times.append((time.perf_counter() - start) * 1e3)
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=rows)
