@@ -106,6 +106,20 @@ def test_bucket_count_follows_the_length_and_is_fixed_when_causal():
     assert causal.buckets_for(8) == causal.buckets_for(4096)
 
 
+def test_language_model_sizes_causal_buckets_from_max_len_and_decodes_exactly():
+    from test_patterns import check_decode
+    sizes = {max_len: [b.attention.n_buckets for b in et.build_model(
+        "reformer", task="lm", vocab_size=11, dim=16, depth=2, heads=2, max_len=max_len,
+        bucket_size=8).encoder.blocks] for max_len in (8, 40, 64)}
+    assert sizes == {8: [1, 1], 40: [6, 6], 64: [8, 8]}    # about bucket_size tokens per bucket
+    given = et.build_model("reformer", task="lm", vocab_size=11, max_len=64, n_buckets=2)
+    assert given.config["n_buckets"] == 2 and given.encoder.blocks[0].attention.n_buckets == 2
+    # one bucket: each token sees the bucket_size most recent earlier tokens, forward = decode
+    attn = et.build_attention("reformer", dim=16, heads=2, causal=True, bucket_size=8,
+                              n_buckets=1).double()
+    check_decode(attn)
+
+
 def test_hash_ids_and_padding_bucket():
     qk, _ = inputs(n=20)
     rot = random_rotations(3, 2, 8, 6, torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -24,7 +24,8 @@ back, measured from i instead of from a chunk boundary). That set depends only o
 computed with the same sort/gather: sorted by (bucket, position), the earlier tokens of i's bucket
 sit right before i, so a band of `bucket_size` sorted positions over (previous chunk, own chunk)
 covers them. The number of buckets cannot follow from N (N grows while decoding), so causal layers
-use `n_buckets` (default 64 when left None). Decode keeps every past key, value and bucket id
+use `n_buckets` (default 64 when left None; `build_model("reformer", task="lm")` derives it from
+`max_len` as the non-causal layer does from N, so that a bucket holds about `bucket_size` tokens). Decode keeps every past key, value and bucket id
 (memory grows like a KV cache): a first call (the prompt) runs the chunked causal path, later calls
 evaluate the same definition densely for each new token against the cache (O(length) per token).
 """
@@ -48,6 +49,13 @@ from .base import Attention, check_positive_int
 
 CAUSAL_BUCKETS = 64  # buckets of a causal layer when `n_buckets` is None
 DECODE_QUERY_BLOCK = 64  # new tokens evaluated at once by a decode step (bounds its T x M masks)
+
+
+def length_buckets(length: int, bucket_size: int) -> int:
+    """Buckets for `length` tokens, `bucket_size` per bucket on average: length / bucket_size
+    rounded up to an even number, 1 when length <= bucket_size."""
+    b = max(length // bucket_size, 1)
+    return b + (b % 2) if b > 1 else 1
 
 
 @register("reformer")
@@ -80,8 +88,7 @@ class ReformerAttention(Attention):
             return self.n_buckets
         if self.causal:
             return CAUSAL_BUCKETS
-        b = max(padded_len // self.bucket_size, 1)
-        return b + (b % 2) if b > 1 else 1
+        return length_buckets(padded_len, self.bucket_size)
 
     def rotations(self, n_buckets: int, device, dtype) -> torch.Tensor:
         """(H, R, d, b/2), fixed per layer (or fresh from torch's RNG with redraw in training)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..attention.base import check_choice, check_positive_int
+from ..attention.reformer import length_buckets
 from ..registry import attention_spec, build_attention, register_model
 from .transformer import (
     POOLINGS, POSITIONS, TASKS, Classifier, DualEncoder, Encoder, FeedForward, LanguageModel,
@@ -201,7 +202,11 @@ def build_reformer_model(name: str, task: str = "lm", *, vocab_size: int = 256,
         raise ValueError(f"reversible: expected True or False, got {reversible!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
-    attention_spec(name)
+    spec = attention_spec(name)
+    if task == "lm" and options.get("n_buckets") is None:
+        # causal layers cannot size their buckets from N (decode grows it): size them from max_len
+        options["n_buckets"] = length_buckets(max_len, options.get("bucket_size",
+                                                                   spec.options["bucket_size"]))
     config = dict(name=name, task=task, vocab_size=vocab_size, num_classes=num_classes, dim=dim,
                   depth=depth, heads=heads, max_len=max_len, mlp_dim=mlp_dim, dropout=dropout,
                   positions=positions, pooling=pooling, reversible=reversible,
