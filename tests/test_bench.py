@@ -95,6 +95,9 @@ def test_grid_shape_and_length_tied_options():
     assert length_options({"shape": None, "k": 8}, 1024) == {"shape": (32, 32)}
     assert length_options({"max_len": 4096}, 1024) == {"max_len": 4096}
     assert length_options({"max_len": 4096}, 16384) == {"max_len": 16384}
+    # sqrt(N) strides and cluster counts keep the O(N sqrt N) mechanisms O(N sqrt N)
+    assert [length_options({"stride": 64, "num_clusters": 32}, n) for n in (16, 1000, 4096, 65536)] \
+        == [{"stride": s, "num_clusters": s} for s in (8, 32, 64, 256)]
 
 
 def test_failures_are_recorded_not_dropped():

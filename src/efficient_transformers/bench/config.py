@@ -13,6 +13,7 @@ one length N in one mode:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,11 +112,18 @@ def _max_len_for(n: int, default: Any) -> int | None:
     return default
 
 
+def _sqrt_for(n: int, default: Any) -> int:
+    """sqrt(N) as a power of two, at least 8 (the Sparse Transformer's default summary_size)."""
+    return max(8, 2 ** round(math.log2(math.sqrt(max(n, 1)))))
+
+
 # option name -> fn(N, default) giving the value used at length N. Only these options are
 # touched; every other option keeps the mechanism's default. Documented in docs/benchmarks.md.
 LENGTH_TIED_OPTIONS = {
-    "shape": _shape_for,      # an image / grid input: the most square grid of N positions
-    "max_len": _max_len_for,  # a fixed maximum length (Linformer's projection): at least N
+    "shape": _shape_for,        # an image / grid input: the most square grid of N positions
+    "max_len": _max_len_for,    # a fixed maximum length (Linformer's projection): at least N
+    "stride": _sqrt_for,        # Sparse Transformer: stride l close to sqrt(N) (section 4.2)
+    "num_clusters": _sqrt_for,  # Routing Transformer: sqrt(N) clusters of sqrt(N) tokens
 }
 
 
