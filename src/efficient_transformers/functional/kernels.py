@@ -129,9 +129,7 @@ def softmax_key_features(x: torch.Tensor, omega: torch.Tensor,
     """
     m = omega.shape[0]
     proj = _key_exponents(_favor_exponents(x, omega), x, key_mask)          # (B, H, N, m)
-    log_scale = proj.amax(dim=-1).detach()                                   # (B, H, N)
-    log_scale = torch.where(torch.isfinite(log_scale), log_scale,
-                            torch.full_like(log_scale, LOG_SCALE_FLOOR))
+    log_scale = proj.amax(dim=-1).detach().clamp_min(LOG_SCALE_FLOOR)       # (B, H, N), -inf: floor
     return torch.exp(proj - log_scale[..., None]) * m ** -0.5, log_scale
 
 
@@ -246,17 +244,20 @@ def linear_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Ten
     -> (out (B, H, 1, d), new state). The state's size does not depend on the length seen.
     key_log_scale (B, H, 1): the key's features are exp(μ) phi_k; the state is then (S, r), S
     relative to r, the largest μ so far (see `causal_linear_attention`)."""
-    update = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))  # (B, H, m, d+1)
     if key_log_scale is None:
+        update = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))  # (B, H, m, d+1)
         state = update if state is None else state + update
         out = torch.matmul(phi_q, state)
         return safe_divide(out[..., :-1], out[..., -1:]), state
-    mu = key_log_scale[..., 0].to(update.dtype)                        # (B, H)
+    mu = key_log_scale[..., 0].to(phi_k.dtype)                        # (B, H)
     if state is None:
-        s, r = update, mu
-    else:
+        r = mu
+        s = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))
+    else:  # S e^(r_old - r) + e^(μ - r) φ_kᵀ [v, 1], the key's factor on its m features
         r = torch.maximum(state[1].to(mu.dtype), mu)
-        s = (state[1] - r).exp()[..., None, None] * state[0] + (mu - r).exp()[..., None, None] * update
+        scaled_k = phi_k * (mu - r).exp()[..., None, None]
+        s = torch.matmul(scaled_k.transpose(-1, -2), with_ones(v)).add_(
+            state[0] * (state[1] - r).exp()[..., None, None])
     out = torch.matmul(phi_q, s)
     return safe_divide(out[..., :-1], out[..., -1:]), (s, r)
 
