@@ -63,8 +63,11 @@ class MemoryCompressedAttention(DenseAttention):
         bsz, _, n, _ = q.shape
         c = self.compression
         real = pad_mask_to_multiple(mask, n, c, bsz, device=q.device)            # (B, Np)
-        keep = real[:, None, :, None].to(k.dtype)
-        ks, vs = self.compress(pad_to_multiple(k, c)[0] * keep, pad_to_multiple(v, c)[0] * keep)
+        kp, vp = pad_to_multiple(k, c)[0], pad_to_multiple(v, c)[0]             # tail zero-padded
+        if mask is not None:  # padded tokens' k and v zeroed too
+            keep = real[:, None, :, None].to(k.dtype)
+            kp, vp = kp * keep, vp * keep
+        ks, vs = self.compress(kp, vp)
         slot_real = real.view(bsz, -1, c).any(dim=-1)                           # (B, M)
         if not self.causal:
             if mask is None:  # every slot holds a real token (the last one at least its first)

@@ -249,15 +249,13 @@ def linear_attention_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Ten
         state = update if state is None else state + update
         out = torch.matmul(phi_q, state)
         return safe_divide(out[..., :-1], out[..., -1:]), state
+    # S' = e^(r_old − r) S + e^(μ − r) φ_kᵀ [v, 1], the key's factor on its m features
     mu = key_log_scale[..., 0].to(phi_k.dtype)                        # (B, H)
-    if state is None:
-        r = mu
-        s = torch.matmul(phi_k.transpose(-1, -2), with_ones(v))
-    else:  # S e^(r_old - r) + e^(μ - r) φ_kᵀ [v, 1], the key's factor on its m features
-        r = torch.maximum(state[1].to(mu.dtype), mu)
-        scaled_k = phi_k * (mu - r).exp()[..., None, None]
-        s = torch.matmul(scaled_k.transpose(-1, -2), with_ones(v)).add_(
-            state[0] * (state[1] - r).exp()[..., None, None])
+    r = mu if state is None else torch.maximum(state[1].to(mu.dtype), mu)
+    scaled_k = phi_k * (mu - r).exp()[..., None, None]
+    s = torch.matmul(scaled_k.transpose(-1, -2), with_ones(v))
+    if state is not None:
+        s = s.add_(state[0] * (state[1] - r).exp()[..., None, None])
     out = torch.matmul(phi_q, s)
     return safe_divide(out[..., :-1], out[..., -1:]), (s, r)
 
