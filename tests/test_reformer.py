@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import efficient_transformers as et
+from efficient_transformers.functional import lsh
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.lsh import (
     causal_allowed_rounds, chunked_allowed_rounds, lsh_attention, lsh_buckets,
@@ -39,6 +40,17 @@ def test_fast_path_equals_definition(causal, padded, n, chunk, n_buckets, rounds
     real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
     # padded queries' outputs are not meaningful
     assert_values_and_gradients_match(fast, slow, (qk, v), real[:, None, :, None], tol=1e-12)
+
+
+def test_buckets_are_the_argmax_over_both_signs_in_any_block_size(monkeypatch):
+    """Hashing round by round and block by block gives h(x) = argmax([xR; -xR]) exactly."""
+    qk, _ = inputs(n=37, seed=4)
+    rot = random_rotations(3, 3, 8, 10, torch.Generator().manual_seed(5), dtype=torch.float64)
+    proj = torch.einsum("bhnd,hrdk->bhrnk", qk.detach(), rot)
+    expected = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+    assert torch.equal(lsh_buckets(qk, rot, 10), expected)
+    monkeypatch.setattr(lsh, "HASH_BLOCK_ELEMENTS", 2 * 3 * 5 * 7)  # blocks of 7 tokens
+    assert torch.equal(lsh_buckets(qk, rot, 10), expected)
 
 
 def test_non_causal_sets_follow_the_sorted_chunks():

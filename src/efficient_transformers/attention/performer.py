@@ -16,16 +16,17 @@ that cancels (`functional.kernels.softmax_feature_map`); causal keys each by the
 carried as a log-scale and weighed against the running max of the keys so far
 (`softmax_key_features`, `causal_linear_attention(key_log_scale=...)`), so no key's features
 depend on a later key and no key of large norm underflows. Features and sums are computed in
-float32 or wider.
+float32 or wider. The layer computes the features in one autograd node each
+(`functional.favor`, exp written in place, φ the only saved tensor); the functions above are
+its reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..functional.kernels import (
-    orthogonal_gaussian, relu_feature_map, softmax_feature_map, softmax_key_features,
-)
+from ..functional.favor import fused_softmax_feature_map, fused_softmax_key_features
+from ..functional.kernels import orthogonal_gaussian, relu_feature_map
 from ..registry import register
 from .base import check_choice, check_positive_int
 from .linear_transformer import KernelAttention
@@ -68,10 +69,10 @@ class PerformerAttention(KernelAttention):
         omega = self.omega.to(q.dtype)
         if self.kernel == "relu":
             return relu_feature_map(q, omega), relu_feature_map(k, omega), None
-        phi_q = softmax_feature_map(q, omega, is_query=True)
+        phi_q = fused_softmax_feature_map(q, omega, is_query=True)
         if self.causal:  # each key stabilised by itself, weighed against the running max
-            return (phi_q,) + softmax_key_features(k, omega, key_mask)
-        return phi_q, softmax_feature_map(k, omega, is_query=False, key_mask=key_mask), None
+            return (phi_q,) + fused_softmax_key_features(k, omega, key_mask)
+        return phi_q, fused_softmax_feature_map(k, omega, is_query=False, key_mask=key_mask), None
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", features={self.features}, kernel={self.kernel!r}, "

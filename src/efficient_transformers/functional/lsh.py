@@ -42,18 +42,28 @@ def random_rotations(heads: int, n_hashes: int, head_dim: int, n_buckets: int,
     return rot.to(device=device, dtype=dtype)
 
 
+HASH_BLOCK_ELEMENTS = 1 << 24  # projections held at once while hashing (64 MiB in float32)
+
+
 def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """qk (B, H, N, d), rotations (H, R, d, b/2) -> buckets (B, H, R, N) in [0, b]; b = padding."""
+    """qk (B, H, N, d), rotations (H, R, d, b/2) -> buckets (B, H, R, N) in [0, b]; b = padding.
+
+    One round and one block of tokens at a time: with b ~ N / bucket_size the projections of
+    all rounds (B, H, R, N, b/2) grow as N², while a block holds at most HASH_BLOCK_ELEMENTS."""
     b_, h, n, _ = qk.shape
-    r = rotations.shape[1]
-    if n_buckets == 1:
-        buckets = torch.zeros(b_, h, r, n, dtype=torch.long, device=qk.device)
-    else:
+    r, half = rotations.shape[1], rotations.shape[-1]
+    buckets = torch.zeros(b_, h, r, n, dtype=torch.long, device=qk.device)
+    if n_buckets > 1:
         work = torch.promote_types(qk.dtype, torch.float32)
-        proj = torch.einsum("bhnd,hrdk->bhrnk", qk.detach().to(work), rotations.to(work))
-        top, low = proj.max(dim=-1), proj.min(dim=-1)  # argmax over [xR; -xR] without the concat
-        buckets = torch.where(top.values >= -low.values, top.indices, low.indices + proj.shape[-1])
+        x, rot = qk.detach().to(work), rotations.to(work)
+        rows = max(1, HASH_BLOCK_ELEMENTS // (b_ * h * half))
+        for round_ in range(r):
+            for start in range(0, n, rows):
+                proj = torch.matmul(x[:, :, start:start + rows], rot[:, round_])  # (B, H, n', b/2)
+                top, low = proj.max(dim=-1), proj.min(dim=-1)  # argmax over [xR; -xR], no concat
+                buckets[:, :, round_, start:start + rows] = torch.where(
+                    top.values >= -low.values, top.indices, low.indices + half)
     if key_mask is not None:
         buckets = buckets.masked_fill(~key_mask[:, None, None, :], n_buckets)
     return buckets
