@@ -221,7 +221,8 @@ def _scaled_causal_parts(q, k, vv, log_scale, tril, state):
     out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * rel.exp(), vv)
     # across chunks
     top = mu.amax(dim=-1)                                                    # t_c (B, H, nc)
-    chunk_states = torch.matmul((k * (mu - top[..., None]).exp()[..., None]).transpose(-1, -2), vv)
+    key_weights = (mu - top[..., None]).exp()[..., None]                     # (B, H, nc, C, 1)
+    chunk_states = torch.matmul(k.transpose(-1, -2), vv * key_weights)      # on d+1, not m
     floor = torch.full_like(top[..., :1], LOG_SCALE_FLOOR) if r0 is None else r0[..., None]
     ref = torch.cat([floor, torch.cummax(top, dim=-1).values[..., :-1]], dim=-1)   # r_c
     ref = torch.maximum(ref, floor)
