@@ -84,6 +84,31 @@ def test_mechanisms_through_flex_equal_the_cpu_path(name, options, forced_flex):
     assert max_abs_diff(fast[mask], ref[mask]) < 1e-5
 
 
+@needs_flex
+@pytest.mark.parametrize("name,options,causal", [
+    ("longformer", {"window": 3, "dilation": [1, 2], "num_global": 2}, False),
+    ("longformer", {"window": 3, "dilation": [1, 2], "num_global": 2}, True),
+    ("longformer", {"window": 5, "num_global": 9}, False),   # more global rows than window
+    ("longformer", {"window": 5, "num_global": 9}, True),
+    ("bigbird", {}, False),                                  # not causal (the survey)
+])
+def test_layer_flex_path_through_eager_flex_equals_cpu_path(name, options, causal, forced_flex,
+                                                          monkeypatch):
+    """The layer's FlexAttention path (its masks, global rows and merges) through FlexAttention's
+    eager reference instead of the compiled kernel: fast enough for every run."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+    attn = small_attention(name, causal=causal, dtype=torch.float32, **options)
+    x = torch.randn(2, 37, 16)
+    mask = random_mask(2, 37)
+    with torch.no_grad():
+        fast = attn(x, mask)
+        flex.FORCE_FLEX = False
+        ref = attn(x, mask)
+    assert max_abs_diff(fast[mask], ref[mask]) < 1e-5
+
+
 GPU_CASES = [("image_transformer", {"mode": "1d", "shape": None, "block_size": 32, "window": 48}),
              ("image_transformer", {"mode": "2d", "shape": (20, 16), "query_shape": (4, 8),
                                     "memory_flange": (4, 8)}),

@@ -13,6 +13,7 @@ from efficient_transformers.functional.global_local import (
     DilatedWindow, LongformerPattern, gather_global, longformer_attention,
     longformer_dense_allowed, take_rows,
 )
+from efficient_transformers.functional.flex import flex_available, pattern_block_mask
 from efficient_transformers.functional.patterns import dense_pattern_mask
 from helpers import (
     assert_flex_equals_blocked, assert_values_and_gradients_match, max_abs_diff, random_mask,
@@ -183,3 +184,22 @@ def test_cuda_path_equals_cpu_path():
     ref = attn(x, mask)
     out = attn.cuda()(x.cuda(), mask.cuda()).cpu()
     assert max_abs_diff(out[mask], ref[mask]) < 1e-4
+
+
+@pytest.mark.skipif(not flex_available(), reason="FlexAttention is not importable")
+def test_flex_mask_leaves_the_global_rows_to_the_dense_path():
+    """The layer's FlexAttention mask: global rows see only window and global keys (the layer
+    computes them densely), so no query block walks every key block; global keys stay visible."""
+    n, block = 1024, 128
+    full = pattern_block_mask(LongformerPattern(3, 1, 2), n, "cpu", block_size=block)
+    layer = pattern_block_mask(LongformerPattern(3, 1, 2, global_rows=False), n, "cpu",
+                               block_size=block)
+
+    def blocks_per_query_block(mask):
+        total = mask.kv_num_blocks[0, 0]
+        return total if mask.full_kv_num_blocks is None else total + mask.full_kv_num_blocks[0, 0]
+
+    assert blocks_per_query_block(full)[0] == n // block       # a global row: every key block
+    per_block = blocks_per_query_block(layer)
+    assert per_block[0] == 2                                    # its window (crosses into block 1)
+    assert per_block[1] == 3 and (per_block[2:-1] == 4).all()   # window + the global key block

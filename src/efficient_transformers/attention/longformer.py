@@ -119,7 +119,8 @@ class LongformerAttention(Attention):
         outs = {}
         for dil in sorted(set(self.dilations)):
             heads = [i for i, x in enumerate(self.dilations) if x == dil]
-            pattern = LongformerPattern(self.window, dil, self.num_global, self.causal)
+            pattern = LongformerPattern(self.window, dil, self.num_global, self.causal,
+                                        global_rows=False)   # the global rows: _finish_flex
             out = flex_or_none(qs[:, heads], ks[:, heads], vs[:, heads], pattern, mask)
             if out is None:
                 return None

@@ -57,16 +57,22 @@ class LongformerPattern(Pattern):
     """Dilated window plus the first `num_global` positions global (section 3.1): a global token
     attends to every position and every position attends to it; causal keeps only j <= i.
     (The global rows use their own projections in the layer; this predicate says which pairs
-    interact, for FlexAttention and pictures.)"""
+    interact, for pictures and tests.) `global_rows=False` is the FlexAttention mask of the layer:
+    the global rows see only the window and the global keys there, since the layer computes them
+    densely and discards FlexAttention's rows; a full row would add a query block that walks every
+    key block, one thread block doing N/128 steps forward and backward."""
 
     window: int
     dilation: int = 1
     num_global: int = 0
     causal: bool = False
+    global_rows: bool = True
 
     def allows(self, i, j):
         ok = DilatedWindow(self.window, self.dilation, self.causal).allows(i, j)
-        glob = (i < self.num_global) | (j < self.num_global)
+        glob = j < self.num_global
+        if self.global_rows:
+            glob = glob | (i < self.num_global)
         if self.causal:
             glob = glob & (j <= i)
         return ok | glob
