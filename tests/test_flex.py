@@ -51,6 +51,17 @@ def check_flex_equals_block_path(compiled):
         flex.pattern_block_mask(pattern, n, q.device, block_size=32)       # cached without padding
 
 
+def assert_forced_flex_equals_cpu_path(attn):
+    """attn (FORCE_FLEX on) on a padded batch equals the same layer with FORCE_FLEX off, forward."""
+    x = torch.randn(2, 37, 16)
+    mask = random_mask(2, 37)
+    with torch.no_grad():
+        fast = attn(x, mask)
+        flex.FORCE_FLEX = False
+        ref = attn(x, mask)
+    assert max_abs_diff(fast[mask], ref[mask]) < 1e-5
+
+
 @needs_flex
 def test_flex_block_mask_equals_block_path_eager():
     """The BlockMask and mask_mod built from the pattern, through FlexAttention's eager reference."""
@@ -75,13 +86,7 @@ def test_compiled_flex_forward_equals_block_path_with_padding():
 ])
 def test_mechanisms_through_flex_equal_the_cpu_path(name, options, forced_flex):
     attn = small_attention(name, causal=True, dtype=torch.float32, **options)
-    x = torch.randn(2, 37, 16)
-    mask = random_mask(2, 37)
-    with torch.no_grad():
-        fast = attn(x, mask)
-        flex.FORCE_FLEX = False
-        ref = attn(x, mask)
-    assert max_abs_diff(fast[mask], ref[mask]) < 1e-5
+    assert_forced_flex_equals_cpu_path(attn)
 
 
 @needs_flex
@@ -100,13 +105,7 @@ def test_layer_flex_path_through_eager_flex_equals_cpu_path(name, options, causa
 
     monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
     attn = small_attention(name, causal=causal, dtype=torch.float32, **options)
-    x = torch.randn(2, 37, 16)
-    mask = random_mask(2, 37)
-    with torch.no_grad():
-        fast = attn(x, mask)
-        flex.FORCE_FLEX = False
-        ref = attn(x, mask)
-    assert max_abs_diff(fast[mask], ref[mask]) < 1e-5
+    assert_forced_flex_equals_cpu_path(attn)
 
 
 GPU_CASES = [("image_transformer", {"mode": "1d", "shape": None, "block_size": 32, "window": 48}),
