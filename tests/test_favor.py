@@ -91,3 +91,16 @@ def test_fused_features_gradcheck():
 
     for fn in (query_rows, keys_per_head, causal_keys):
         assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_fused_features_without_autograd_equal_reference():
+    """Decode and inference steps skip the autograd node: same values."""
+    x, omega = features_input(seed=8, key_scale=4.0)
+    mask = masks()[1]
+    with torch.no_grad():
+        for is_query in (True, False):
+            fast = fused_softmax_feature_map(x, omega, is_query, key_mask=mask)
+            assert max_abs_diff(fast, softmax_feature_map(x, omega, is_query, key_mask=mask)) < 1e-12
+        psi, mu = fused_softmax_key_features(x, omega, mask)
+        ref_psi, ref_mu = softmax_key_features(x, omega, mask)
+        assert max_abs_diff(psi, ref_psi) < 1e-12 and max_abs_diff(mu, ref_mu) < 1e-12

@@ -8,7 +8,8 @@ five passes over the (N × m) tensor forward (matmul, shift, exp, 1/√m, the ke
 backward; this node writes p once, shifts and exponentiates it in place and saves only φ, whose
 gradient is dp + db = dφ·φ: backward is one product and one matmul against [ω | 1], which gives
 the gradients of x (d columns) and of b (the last column) together. The bias's own gradient
-(through |x|²) stays with autograd.
+(through |x|²) stays with autograd. Without a gradient to compute (decode steps, inference) the
+same function runs without the node, whose bookkeeping costs more than a one-token step.
 """
 
 from __future__ import annotations
@@ -20,25 +21,32 @@ import torch
 from .kernels import LOG_SCALE_FLOOR
 
 
+def _favor_exp(x, w, bias, stabiliser: str):
+    """No autograd: exp(x wᵀ + bias − c − ½ ln m) written into the product's storage.
+    x (B, H, N, d), w (m, d), bias (B, H, N, 1) or None; stabiliser "row" (c per row: queries,
+    causal keys' μ) or "head" (c per (b, h): non-causal keys). Returns (φ (B, H, N, m), c).
+    Padded rows (bias −inf) give φ 0 and c = LOG_SCALE_FLOOR, never a maximum."""
+    phi = torch.matmul(x, w.T)                                     # p (B, H, N, m)
+    c = phi.amax(dim=-1, keepdim=True)                             # (B, H, N, 1)
+    if bias is not None:
+        c = c + bias
+        if stabiliser == "head":
+            c = c.amax(dim=-2, keepdim=True)                       # (B, H, 1, 1)
+        c = c.clamp_min(LOG_SCALE_FLOOR)
+    shift = c + 0.5 * math.log(w.shape[0])
+    if bias is None:
+        phi.sub_(shift)
+    else:
+        phi.add_(bias - shift)
+    return phi.exp_(), c
+
+
 class _FavorExp(torch.autograd.Function):
-    """exp(x wᵀ + bias − c − ½ ln m), c from `stabiliser` (no gradient). x (B, H, N, d), w (m, d),
-    bias (B, H, N, 1) or None. Returns (φ (B, H, N, m), c (B, H, N, 1) or (B, H, 1, 1))."""
+    """`_favor_exp` with its gradient: φ's is dp + db = dφ·φ (c has none)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, stabiliser: str):
-        phi = torch.matmul(x, w.T)                                 # p (B, H, N, m)
-        row = phi.amax(dim=-1, keepdim=True)                       # (B, H, N, 1)
-        if bias is not None:
-            row = row + bias
-        if stabiliser == "row":                                    # queries; causal keys (μ)
-            c = row.clamp_min(LOG_SCALE_FLOOR)                     # padded rows: ψ 0, μ floor
-        else:                                                      # "head": non-causal keys
-            c = row.amax(dim=-2, keepdim=True)
-            c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-        offset = -c - 0.5 * math.log(w.shape[0])
-        if bias is not None:
-            offset = offset + bias
-        phi.add_(offset).exp_()
+        phi, c = _favor_exp(x, w, bias, stabiliser)
         ctx.save_for_backward(x, w, phi)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(c)
@@ -59,6 +67,13 @@ class _FavorExp(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None
 
 
+def _features(x, w, bias, stabiliser):
+    """Through the autograd node when a gradient is wanted, else directly (decode steps)."""
+    wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w, bias))
+    return (_FavorExp.apply if wanted else _favor_exp)(x, w, bias, stabiliser)
+
+
 def _scaled_omega(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     """ω d^-¼ in x's dtype: p = ωᵀx d^-¼ without a pass over x."""
     return omega.to(x.dtype) * x.shape[-1] ** -0.25
@@ -76,7 +91,7 @@ def fused_softmax_feature_map(x: torch.Tensor, omega: torch.Tensor, is_query: bo
                               key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`kernels.softmax_feature_map` (same values, same gradients) in one node."""
     bias = None if is_query else _key_bias(x, key_mask)
-    phi, _ = _FavorExp.apply(x, _scaled_omega(x, omega), bias, "row" if is_query else "head")
+    phi, _ = _features(x, _scaled_omega(x, omega), bias, "row" if is_query else "head")
     return phi
 
 
@@ -84,5 +99,5 @@ def fused_softmax_key_features(x: torch.Tensor, omega: torch.Tensor,
                                key_mask: torch.Tensor | None = None):
     """`kernels.softmax_key_features` (same values, same gradients) in one node:
     (ψ (B, H, N, m), log-scale μ (B, H, N))."""
-    psi, mu = _FavorExp.apply(x, _scaled_omega(x, omega), _key_bias(x, key_mask), "row")
+    psi, mu = _features(x, _scaled_omega(x, omega), _key_bias(x, key_mask), "row")
     return psi, mu[..., 0]
