@@ -289,3 +289,34 @@ def test_profile_writes_a_table_per_mechanism_and_refuses_unknown_names(tmp_path
     with pytest.raises(SystemExit) as stop:
         profile.main(["--models", "nope", "--device", "cpu", "--out", str(out)])
     assert stop.value.code == 2 and "--models" in capsys.readouterr().err
+
+
+def test_operator_traffic_counts_bytes_and_flops_and_skips_views():
+    from efficient_transformers.bench.traffic import OperatorTraffic
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    counter = OperatorTraffic(bandwidth=1e9, peak_flops=1e9, launch_s=0.0)
+    with counter:
+        c = a @ b                          # mm: reads a and b, writes c
+        c.t().reshape(-1)                  # a view, then a copy of 64·16 floats (read + write)
+        c.add_(1.0)                        # in place: reads and writes c
+        torch.empty(1000, 1000)            # an allocation moves nothing
+    rows = dict(counter.rows)
+    assert rows["mm.default"] == [1, (64 * 32 + 32 * 16 + 64 * 16) * 4, 2 * 64 * 32 * 16]
+    assert rows["clone.default"][1] == 2 * 64 * 16 * 4
+    assert rows["add_.Tensor"][:2] == [1, 2 * 64 * 16 * 4]
+    assert not any(name.startswith(("t.", "view", "_unsafe_view", "empty")) for name in rows)
+    # priced as max(bytes / bandwidth, flops / peak): the matmul is bound by its flops here
+    assert counter.op_ms(rows["mm.default"]) == pytest.approx(1e3 * 2 * 64 * 32 * 16 / 1e9)
+    assert "operator calls" in counter.table()
+
+
+def test_profile_traffic_mode_writes_an_estimate(tmp_path, capsys):
+    from efficient_transformers.bench import profile
+
+    out = tmp_path / "traffic"
+    assert profile.main(["--traffic", "--models", "performer", "--length", "64", "--device",
+                         "cpu", "--dtype", "fp32", "--out", str(out)]) == 0
+    text = (out / "performer.txt").read_text()
+    assert "fwd+bwd estimate" in text and "GiB read + written" in text and "bmm" in text
+    assert "performer: N=64 fp32 fwd+bwd estimate" in capsys.readouterr().out

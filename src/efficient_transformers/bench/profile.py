@@ -9,7 +9,9 @@ N-tied ones from `config.py`), run `--warmup` times, then profiled for `--steps`
 `torch.profiler`. Writes <out>/<name>.txt (the table, sorted by device time on CUDA, by self CPU
 time on CPU) and prints one summary line per mechanism; a mechanism that fails (out of memory,
 say) gets its error in its file instead. Stops starting new mechanisms once `--budget` seconds
-have passed. `benchmarks/cuda.sh` runs it before the CUDA benchmark.
+have passed. `benchmarks/cuda.sh` runs it before the CUDA benchmark. `--traffic` counts
+each operator's bytes and flops over one step instead (`traffic.py`: an estimate for a GPU that
+runs on any device).
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ from .config import DTYPES
 from .measure import build_target, sync_device, training_step
 
 
-def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool = False,
-                      warmup: int = 2, steps: int = 2, rows: int = 15, dim: int = 512,
-                      heads: int = 8) -> tuple[str, float]:
-    """(the profiler's table for `steps` forward + backward steps of `name` at length n,
-    the median step time in ms over those steps)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _prepared_step(name: str, n: int, device: str, dtype: str, causal: bool, warmup: int,
+                   dim: int, heads: int):
+    """(step, clear, device) for forward + backward of `name` as the benchmark builds it, after
+    `warmup` steps."""
     dev = torch.device(device)
     torch.manual_seed(0)
     case = {"kind": "ours", "target": name, "n": n, "dim": dim, "heads": heads,
@@ -43,6 +42,17 @@ def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
         clear()
         step()
     sync_device(dev)
+    return step, clear, dev
+
+
+def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool = False,
+                      warmup: int = 2, steps: int = 2, rows: int = 15, dim: int = 512,
+                      heads: int = 8) -> tuple[str, float]:
+    """(the profiler's table for `steps` forward + backward steps of `name` at length n,
+    the median step time in ms over those steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, clear, dev = _prepared_step(name, n, device, dtype, causal, warmup, dim, heads)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     times = []
     with profile(activities=activities) as prof:
@@ -57,6 +67,20 @@ def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
     return table, sorted(times)[len(times) // 2]
 
 
+def traffic_mechanism(name: str, n: int, device: str, dtype: str, causal: bool = False,
+                      rows: int = 15, dim: int = 512, heads: int = 8) -> tuple[str, float]:
+    """(the operator-traffic table of one forward + backward step of `name` at length n, its
+    estimated H100 time in ms): `traffic.OperatorTraffic`, an estimate, not a measurement."""
+    from .traffic import OperatorTraffic
+
+    step, clear, _ = _prepared_step(name, n, device, dtype, causal, 1, dim, heads)
+    clear()
+    counter = OperatorTraffic()
+    with counter:
+        step()
+    return counter.table(rows), counter.total_ms()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m efficient_transformers.bench.profile",
                                 description=__doc__.split("\n\n")[0])
@@ -69,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--out", default="bench-results/profile")
+    p.add_argument("--traffic", action="store_true",
+                   help="count each operator's bytes and flops over one step instead of timing "
+                        "(bench/traffic.py: an estimate for a GPU, on any device)")
     p.add_argument("--budget", type=float, default=60.0,
                    help="seconds after which no new mechanism starts; default %(default)s")
     args = p.parse_args(argv)
@@ -86,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: not profiled (budget of {args.budget:g} s spent)")
             continue
         try:
-            table, ms = profile_mechanism(name, args.length, args.device, args.dtype, args.causal,
-                                          args.warmup, args.steps, args.rows)
-            summary = f"{name}: N={args.length} {args.dtype} fwd+bwd {ms:.2f} ms per step"
+            if args.traffic:
+                table, ms = traffic_mechanism(name, args.length, args.device, args.dtype,
+                                              args.causal, args.rows)
+                summary = f"{name}: N={args.length} {args.dtype} fwd+bwd estimate {ms:.2f} ms"
+            else:
+                table, ms = profile_mechanism(name, args.length, args.device, args.dtype,
+                                              args.causal, args.warmup, args.steps, args.rows)
+                summary = f"{name}: N={args.length} {args.dtype} fwd+bwd {ms:.2f} ms per step"
             text = f"{summary}\n\n{table}\n"
         except Exception as err:  # noqa: BLE001 - an OOM or a failure is a result, not a stop
             summary = f"{name}: N={args.length} failed: {type(err).__name__}: {err}"[:300]
