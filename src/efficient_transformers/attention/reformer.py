@@ -25,9 +25,10 @@ computed with the same sort/gather: sorted by (bucket, position), the earlier to
 sit right before i, so a band of `bucket_size` sorted positions over (previous chunk, own chunk)
 covers them. The number of buckets cannot follow from N (N grows while decoding), so causal layers
 use `n_buckets` (default 64 when left None; `build_model("reformer", task="lm")` derives it from
-`max_len` as the non-causal layer does from N, so that a bucket holds about `bucket_size` tokens). Decode keeps every past key, value and bucket id
-(memory grows like a KV cache): a first call (the prompt) runs the chunked causal path, later calls
-evaluate the same definition densely for each new token against the cache (O(length) per token).
+`max_len` as the non-causal layer does from N, so that a bucket holds about `bucket_size`
+tokens). Decode keeps every past key, value and bucket id (memory grows like a KV cache): a first
+call (the prompt) runs the chunked causal path, later calls evaluate the same definition densely
+for each new token against the cache (O(length) per token).
 """
 
 from __future__ import annotations

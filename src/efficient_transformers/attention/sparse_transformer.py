@@ -9,13 +9,14 @@ softmax) or "split" (the first half of the heads A(1), the other half A(2)). The
 option, alternating patterns between layers, is a model choice (one layer per pattern).
 Non-causal use (not in the paper, a generative model) applies the patterns in both directions.
 
-Every device, never N × N: A(1) is `block_sparse_attention` over gathered blocks; the strided A(2) is
-column attention over the (N / l, l) view (`functional.axial`), the fixed A(2) attends to the
-gathered summary positions (N · c·N/l scores). Merged heads combine the parts by their log-sum-exp
-(`functional.merge`), each key counted once: the column part skips the keys within l of the
-query (|row difference| >= 2), the summary part skips the query's own block. FlexAttention
-with the same pattern stays available (`functional.flex.FORCE_FLEX`), but A(2) touches every key
-block, so it skips nothing (`use_flex(q, block_sparse=False)`). Decode: a KV cache (the column needs every earlier row), exact.
+Every device, never N × N: A(1) is `block_sparse_attention` over gathered blocks; the strided
+A(2) is column attention over the (N / l, l) view (`functional.axial`), the fixed A(2) attends to
+the gathered summary positions (N · c·N/l scores). Merged heads combine the parts by their
+log-sum-exp (`functional.merge`), each key counted once: the column part skips the keys within l
+of the query (|row difference| >= 2), the summary part skips the query's own block.
+FlexAttention with the same pattern stays available (`functional.flex.FORCE_FLEX`), but A(2)
+touches every key block, so it skips nothing (`use_flex(q, block_sparse=False)`). Decode: a KV
+cache (the column needs every earlier row), exact.
 """
 
 from __future__ import annotations
