@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA checks in one go (one H100, about 10 minutes at most): the GPU tests, then the CUDA
 # benchmark (bf16, forward+backward, N = 1k, 4k, 16k, 64k) of every registered mechanism with
-# the reference kernels (dense SDPA, causal dense SDPA, FlexAttention ±256 window) in the same
-# run, plus causal forward+backward of the mechanisms that decode. Before the benchmark, a
-# profile (PROFILE_BUDGET seconds, default 45; 0 skips it) of the mechanisms that missed a CUDA
-# target at 64k: the top kernels of their forward+backward, one table each in profile/.
+# the reference kernels (dense SDPA, causal dense SDPA, FlexAttention ±256 window, chunked
+# causal linear attention) in the same run, plus causal forward+backward of the mechanisms
+# that decode. Before the benchmark, a profile (PROFILE_BUDGET seconds, default 45; 0 skips
+# it) of the mechanisms that missed a CUDA target at 64k: the top kernels of their
+# forward+backward, one table each in profile/.
 # Everything lands in "${OUT:-bench-results}": pytest-gpu.txt, bench-cuda.log, profile/*.txt,
 # cuda/bench.{json,csv,md} and plots.
 #
@@ -51,7 +52,7 @@ fi
 
 if [ "${SMOKE:-0}" = 1 ]; then
   LENGTHS="${LENGTHS:-1024,4096}"
-  MODELS="${MODELS:-transformer,performer,linear_transformer,longformer,dense_sdpa,dense_sdpa_causal,flex_window}"
+  MODELS="${MODELS:-transformer,performer,linear_transformer,longformer,dense_sdpa,dense_sdpa_causal,flex_window,linear_chunked_causal}"
   BUDGET="${BENCH_BUDGET:-60}"
 else
   LENGTHS="${LENGTHS:-1024,4096,16384,65536}"

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import efficient_transformers as et
 from efficient_transformers.attention.linear_transformer import KernelAttention
@@ -30,6 +31,68 @@ def test_layer_equals_references_values_and_gradients(reference, causal, padded)
     mask = random_mask(2, N) if padded else None
     fast, slow = attn(x, mask), REFERENCES[reference](attn, x, mask)
     assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), tol=1e-12, grad_tol=1e-11)
+
+
+class OutputDtypes(TorchDispatchMode):
+    """The dtypes of every floating-point tensor the operators inside return."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.dtypes.add(t.dtype)
+        return out
+
+
+@pytest.fixture
+def forced_batched_causal():
+    from efficient_transformers.attention import linear_transformer
+
+    yield linear_transformer
+    linear_transformer.BATCHED_CAUSAL = None
+
+
+def test_batched_causal_path_is_the_generic_form_and_only_for_bf16_on_cuda(forced_batched_causal):
+    """The CUDA bf16 causal path (KernelAttention.attend in the input dtype) run on CPU: in
+    float64 the same values and gradients as the fused node; in bf16 within bf16 precision of
+    the float64 oracle, as its docstring measures (about 0.4% relative)."""
+    module = forced_batched_causal
+    assert not module.batched_causal(torch.randn(2, 3).bfloat16())          # CPU: fused node
+    attn = small_attention("linear_transformer", causal=True, chunk_size=4)
+    x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, N)
+    fused = attn(x, mask)
+    module.BATCHED_CAUSAL = True
+    assert module.batched_causal(x)
+    assert_values_and_gradients_match(attn(x, mask), fused, [x] + list(attn.parameters()),
+                                      tol=1e-12, grad_tol=1e-11)
+    exact = oracle(attn, x.detach(), mask)
+    attn.to(torch.bfloat16)
+    x_low = x.detach().bfloat16()
+    with OutputDtypes() as seen:
+        low = attn(x_low, mask)
+    assert low.dtype == torch.bfloat16 and seen.dtypes == {torch.bfloat16}   # no float32 inside
+    error = (low.double() - exact)[mask].norm() / exact[mask].norm()
+    assert error < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_causal_takes_the_batched_path_within_bf16_precision():
+    from efficient_transformers.attention.linear_transformer import batched_causal
+
+    attn = small_attention("linear_transformer", causal=True, chunk_size=4)
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    mask = random_mask(2, N)
+    exact = oracle(attn, x, mask)
+    x_low = x.bfloat16().cuda()
+    assert batched_causal(x_low)
+    low = attn.to("cuda", torch.bfloat16)(x_low, mask.cuda()).double().cpu()
+    assert (low - exact)[mask].norm() / exact[mask].norm() < 2e-2
 
 
 def test_decode_state_does_not_grow():

@@ -4,7 +4,8 @@
     results = run_bench(BenchConfig(models=["transformer", "performer"], lengths=(256, 1024)))
 
 config.py    what a run measures, defaults, the table of options tied to N
-reference.py reference kernels (dense_sdpa, dense_sdpa_causal, flex_window)
+reference.py reference kernels (dense_sdpa, dense_sdpa_causal, flex_window,
+             linear_chunked_causal)
 peers.py     the public PyPI packages (imported lazily, only for --peers)
 measure.py   one case in one process: timing and peak memory
 worker.py    worker processes (fresh per case on CPU), per-case timeouts

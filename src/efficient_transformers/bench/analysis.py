@@ -17,6 +17,8 @@ TOLERANCE = 0.25
 MEMORY_TARGET = 1.25     # sub-quadratic mechanisms: memory exponent below this
 CAUSAL_TARGET = 2.0      # causal forms within 2x of the non-causal form
 FLEX_TARGET = 1.2        # fixed patterns within 1.2x of flex_window (CUDA)
+LINEAR_TARGET = 1.2      # causal linear attention within 1.2x of the chunked kernel (CUDA)
+LINEAR_FROM = 4096       # ... at the lengths of ANCHORS.md's kernel table (4k and up)
 
 
 def fit_exponent(ns: Iterable[float], values: Iterable[float]) -> float | None:
@@ -70,7 +72,9 @@ def _claimed(target: str, kind: str) -> tuple[str | None, float | None]:
     if kind == "ours" and target in SURVEY_TABLE:
         return SURVEY_TABLE[target].complexity, claimed_exponent(target)
     if kind == "ref":
-        return ("O(N²)", 2.0) if target.startswith("dense") else ("O(N·w)", 1.0)
+        from .reference import COMPLEXITY
+
+        return COMPLEXITY.get(target, (None, None))
     return None, None
 
 
@@ -132,12 +136,14 @@ def crossovers(records, mode: str = "fwdbwd") -> list[dict[str, Any]]:
     return rows
 
 
-def ratio_table(records, ref: str, mode: str = "fwdbwd") -> dict[str, dict[int, float]]:
-    """{label: {N: time / time of `ref`}} for every series of `mode`."""
+def ratio_table(records, ref: str, mode: str = "fwdbwd",
+                subjects: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
+    """{label: {N: time / time of `ref`}} for every series of `mode` (of the mechanisms in
+    `subjects` when given)."""
     base = _ok(records, label=ref, mode=mode)
     out = {}
-    for lab, m, *_ in series(records):
-        if m != mode or lab == ref:
+    for lab, m, target, *_ in series(records):
+        if m != mode or lab == ref or (subjects is not None and target not in subjects):
             continue
         mine = _ok(records, label=lab, mode=mode)
         common = sorted(set(mine) & set(base))
@@ -247,6 +253,12 @@ def targets(results: dict[str, Any], exps, cross, peers, causal) -> list[dict[st
                 worst_n = max(ratios, key=ratios.get)
                 add(f"within {FLEX_TARGET}x of flex_window", lab, ratios[worst_n] <= FLEX_TARGET,
                     f"worst {ratios[worst_n]:.2f}x at N={worst_n}")
+        chunked = ratio_table(records, "linear_chunked_causal").get("linear_transformer (causal)")
+        if chunked:
+            long = {n: r for n, r in chunked.items() if n >= LINEAR_FROM} or chunked
+            worst_n = max(long, key=long.get)
+            add(f"within {LINEAR_TARGET}x of linear_chunked_causal", "linear_transformer (causal)",
+                long[worst_n] <= LINEAR_TARGET, f"worst {long[worst_n]:.2f}x at N={worst_n}")
     peer_ns = {p["n"] for p in peers if p["mode"] == "fwdbwd"}
     peer_n = 4096 if 4096 in peer_ns else max(peer_ns, default=None)
     for p in peers:
@@ -283,8 +295,9 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     cross = crossovers(records)
     peers = peer_rows(records)
     causal = causal_rows(records)
-    refs = {ref: ratio_table(records, ref) for ref in ("dense_sdpa", "dense_sdpa_causal",
-                                                       "flex_window")
+    from .reference import RATIO_SUBJECTS, REFERENCES
+
+    refs = {ref: ratio_table(records, ref, subjects=RATIO_SUBJECTS.get(ref)) for ref in REFERENCES
             if _ok(records, label=ref, mode="fwdbwd")}
     return {"exponents": exps, "crossover": cross, "peers": peers, "causal": causal,
             "reference_ratios": refs,

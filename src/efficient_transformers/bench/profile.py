@@ -24,6 +24,7 @@ import torch
 
 from .config import DTYPES
 from .measure import build_target, sync_device, training_step
+from .reference import REFERENCES
 
 
 def _prepared_step(name: str, n: int, device: str, dtype: str, causal: bool, warmup: int,
@@ -32,7 +33,8 @@ def _prepared_step(name: str, n: int, device: str, dtype: str, causal: bool, war
     `warmup` steps."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    case = {"kind": "ours", "target": name, "n": n, "dim": dim, "heads": heads,
+    kind = "ref" if name in REFERENCES else "ours"
+    case = {"kind": kind, "target": name, "n": n, "dim": dim, "heads": heads,
             "causal": causal, "mode": "fwdbwd"}
     layer, _ = build_target(case)
     layer = layer.to(device=dev, dtype=getattr(torch, DTYPES[dtype]))
@@ -84,7 +86,9 @@ def traffic_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m efficient_transformers.bench.profile",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", required=True, help="comma-separated registry names")
+    p.add_argument("--models", required=True,
+                   help="comma-separated registry names or reference kernels "
+                        "(bench/reference.py)")
     p.add_argument("--length", type=int, default=65536)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -102,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     import efficient_transformers as et
 
     models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in et.list_attention()]
+    unknown = [m for m in models if m not in et.list_attention() and m not in REFERENCES]
     if unknown or not models:
-        p.error(f"--models: expected registered mechanisms from {et.list_attention()}, "
-                f"got {unknown or args.models!r}")
+        p.error(f"--models: expected registered mechanisms from {et.list_attention()} or "
+                f"reference kernels {list(REFERENCES)}, got {unknown or args.models!r}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     for name in models:

@@ -7,7 +7,13 @@ Linear, one output Linear), so only the attention core differs:
 - ``dense_sdpa_causal``  the same with ``is_causal=True``;
 - ``flex_window``        FlexAttention with a ±256 sliding-window BlockMask (``|i - j| <= 256``)
                          built by `create_block_mask` (no dense N×N mask), CUDA only: FlexAttention
-                         has no backward on CPU, so the harness skips it there with a note.
+                         has no backward on CPU, so the harness skips it there with a note;
+- ``linear_chunked_causal``  causal linear attention (φ = elu + 1) in the plain-PyTorch chunked
+                         form of ANCHORS.md's kernel table (chunk 128: matmuls inside chunks, an
+                         exclusive prefix sum of per-chunk states across them), composed from
+                         `kernels.causal_linear_attention` in the input dtype, unfused: what
+                         `linear_transformer`'s causal form (one fused node, float32 inside) is
+                         held to on CUDA.
 """
 
 from __future__ import annotations
@@ -18,9 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REFERENCES = ("dense_sdpa", "dense_sdpa_causal", "flex_window")
+from ..functional.kernels import causal_linear_attention, elu_feature_map
+
+REFERENCES = ("dense_sdpa", "dense_sdpa_causal", "flex_window", "linear_chunked_causal")
 FLEX_WINDOW = 256
+LINEAR_CHUNK = 128  # ANCHORS.md: "causal linear attention, chunked (chunk 128), plain PyTorch"
 CUDA_ONLY = {"flex_window": "CUDA only: FlexAttention has no backward on CPU"}
+# complexity label and exponent per reference, for the exponent verdicts
+COMPLEXITY = {"dense_sdpa": ("O(N²)", 2.0), "dense_sdpa_causal": ("O(N²)", 2.0),
+              "flex_window": ("O(N·w)", 1.0), "linear_chunked_causal": ("O(N)", 1.0)}
+# the mechanisms a reference's ratio table shows (absent: every series of the run)
+RATIO_SUBJECTS = {"linear_chunked_causal": ("linear_transformer", "performer")}
 
 
 class _Projected(nn.Module):
@@ -80,6 +94,16 @@ class FlexWindow(_Projected):
         return _compiled_flex()(q, k, v, block_mask=mask)
 
 
+class LinearChunkedCausal(_Projected):
+    def __init__(self, dim: int, heads: int, chunk: int = LINEAR_CHUNK):
+        super().__init__(dim, heads)
+        self.chunk = chunk
+
+    def core(self, q, k, v):
+        return causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v,
+                                       chunk_size=self.chunk)
+
+
 def build_reference(name: str, dim: int, heads: int) -> nn.Module:
     if name == "dense_sdpa":
         return DenseSDPA(dim, heads)
@@ -87,4 +111,6 @@ def build_reference(name: str, dim: int, heads: int) -> nn.Module:
         return DenseSDPA(dim, heads, causal=True)
     if name == "flex_window":
         return FlexWindow(dim, heads)
+    if name == "linear_chunked_causal":
+        return LinearChunkedCausal(dim, heads)
     raise ValueError(f"reference: unknown {name!r}; expected one of {list(REFERENCES)}")
