@@ -7,7 +7,8 @@ prefix sums with a custom CUDA kernel; chunking gives the same values with batch
 Decode: the RNN of section 3.4 with state S = Σ φ(k) vᵀ and z = Σ φ(k), of constant size.
 
 Computation runs in at least float32 (the normaliser z sums N positive terms, which overflows
-fp16), then casts back to the input dtype; one exception below (causal, bf16, CUDA).
+fp16), then casts back to the input dtype; bf16 input on CUDA computes in bf16 instead
+(`functional.kernels.keeps_bf16`, below).
 
 Forward (both forms) runs as `functional.fused_linear.projected_elu_linear_attention`: projection,
 feature map and attention in one autograd node (non-causal: all heads at once with the output
@@ -15,14 +16,12 @@ projection absorbed, its backward runs once; causal: head by head, chunked, then
 saving φ(q), φ(k), v only; decode uses the generic parts of `KernelAttention`. Forward hooks on
 `to_qkv` and `to_out` do not fire on that path (their weights are read directly).
 
-Causal forward of bf16 input on CUDA (`batched_causal`): `KernelAttention.attend` in bf16
-instead, the chunked form over all heads at once. The fused node suits the CPU (memory); on a
-GPU, bandwidth-bound, its per-head loop and float32 inside move twice the bytes of the plain
-chunked kernel (`bench/traffic.py`, forward + backward at N = 65536: 19.9 GiB and 10.2 ms
-estimated on an H100, against 9.5 GiB and 4.3 ms for the `linear_chunked_causal` reference). bf16 cannot overflow (float32's exponent range) and GEMMs
-accumulate in float32: against float64 the output's relative error was 0.39% at N = 8k and 64k,
-bf16 FlashAttention's 0.35% (the inputs' rounding alone: 0.18%). Decode keeps float32 state (a
-bf16 running sum would drop small updates), so decode matches this forward to bf16 precision.
+bf16 input on CUDA (`keeps_bf16`): `KernelAttention.attend` in bf16 instead, both forms over
+all heads at once, unfused. The fused node suits the CPU (memory); on a GPU, bandwidth-bound,
+the causal one's per-head loop and float32 inside move twice the bytes of the plain chunked
+kernel (`bench/traffic.py`, forward + backward at N = 65536: 19.9 GiB and 10.2 ms estimated on an
+H100, against 9.5 GiB and 4.3 ms for the `linear_chunked_causal` reference). Decode keeps
+float32 state, so it matches this forward to bf16 precision.
 """
 
 from __future__ import annotations
@@ -32,21 +31,11 @@ from torch import nn
 
 from ..functional.fused_linear import projected_elu_linear_attention
 from ..functional.kernels import (
-    DEFAULT_CHUNK, causal_linear_attention, compute_dtype, elu_feature_map, linear_attention,
-    linear_attention_step, mask_features,
+    DEFAULT_CHUNK, causal_linear_attention, compute_dtype, elu_feature_map, keeps_bf16,
+    linear_attention, linear_attention_step, mask_features,
 )
 from ..registry import register
 from .base import Attention, check_positive_int
-
-BATCHED_CAUSAL: bool | None = None  # None: automatic (`batched_causal`); True / False: forced
-
-
-def batched_causal(x: torch.Tensor) -> bool:
-    """True where the causal forward runs the unfused chunked form over all heads in x's dtype:
-    bf16 input on CUDA (see the module docstring), unless BATCHED_CAUSAL forces a choice."""
-    if BATCHED_CAUSAL is not None:
-        return BATCHED_CAUSAL
-    return x.is_cuda and x.dtype == torch.bfloat16
 
 
 class KernelAttention(Attention):
@@ -70,8 +59,8 @@ class KernelAttention(Attention):
         dtype = dtype or compute_dtype(x.dtype)
         return [self.split_heads(t).to(dtype) for t in self.to_qkv(x).chunk(3, dim=-1)]
 
-    def attend(self, x, mask, dtype=None):
-        q, k, v = self.qkv(x, dtype)
+    def attend(self, x, mask):
+        q, k, v = self.qkv(x, x.dtype if keeps_bf16(x) else None)
         phi_q, phi_k, log_scale = self.feature_maps(q, k, mask)
         phi_k = mask_features(phi_k, mask)
         if self.causal:
@@ -111,8 +100,8 @@ class LinearTransformerAttention(KernelAttention):
         return elu_feature_map(q), elu_feature_map(k), None
 
     def attend(self, x, mask):
-        if self.causal and batched_causal(x):
-            return super().attend(x, mask, dtype=x.dtype)
+        if keeps_bf16(x):  # on CUDA: unfused in bf16 (see the module docstring)
+            return super().attend(x, mask)
         # KernelAttention.attend fused into one autograd node (same values and gradients)
         return projected_elu_linear_attention(x, self.to_qkv.weight, self.to_qkv.bias,
                                               self.heads, self.causal, mask, self.chunk_size,

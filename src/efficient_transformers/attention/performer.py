@@ -16,7 +16,9 @@ that cancels (`functional.kernels.softmax_feature_map`); causal keys each by the
 carried as a log-scale and weighed against the running max of the keys so far
 (`softmax_key_features`, `causal_linear_attention(key_log_scale=...)`), so no key's features
 depend on a later key and no key of large norm underflows. Features and sums are computed in
-float32 or wider. The layer computes the features in one autograd node each
+float32 or wider, except for bf16 input on CUDA, where they stay bf16
+(`functional.kernels.keeps_bf16`: half the bytes; its rounding is small next to FAVOR+'s own
+error); decode state is float32 always. The layer computes the features in one autograd node each
 (`functional.favor`, exp written in place, φ the only saved tensor); the functions above are
 its reference.
 """
