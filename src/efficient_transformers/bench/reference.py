@@ -12,8 +12,7 @@ Linear, one output Linear), so only the attention core differs:
                          form of ANCHORS.md's kernel table (chunk 128: matmuls inside chunks, an
                          exclusive prefix sum of per-chunk states across them), composed from
                          `kernels.causal_linear_attention` in the input dtype, unfused: what
-                         `linear_transformer`'s causal form (one fused node, float32 inside) is
-                         held to on CUDA.
+                         `linear_transformer`'s causal form is held to on CUDA.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def add_parser(subparsers) -> None:
                     "bench.json, bench.csv, bench.md and PNG plots to --out.")
     p.add_argument("--models", default=None,
                    help="comma-separated mechanisms, reference kernels (dense_sdpa, "
-                        "dense_sdpa_causal, flex_window, linear_chunked_causal) or peers; default: every registered "
-                        "mechanism and the reference kernels")
+                        "dense_sdpa_causal, flex_window, linear_chunked_causal) or peers; "
+                        "default: every registered mechanism and the reference kernels")
     p.add_argument("--lengths", default=",".join(map(str, c.DEFAULT_LENGTHS)),
                    help="comma-separated N (256,1024,4k); default %(default)s")
     p.add_argument("--modes", default=",".join(c.DEFAULT_MODES),
