@@ -19,7 +19,7 @@ from typing import Any
 
 MODES = ("fwd", "fwdbwd", "decode", "causal")
 
-# `efficient-transformers bench` with no arguments: about 3 minutes on 2 idle CPU cores for the 18
+# `efficient-transformers bench` with no arguments: about 3½ minutes on 2 idle CPU cores for the 18
 # mechanisms (measured 2 min 44 s; adding `fwd` to the modes makes it 4 min 13 s).
 DEFAULT_LENGTHS = (256, 1024, 4096)
 DEFAULT_MODES = ("fwdbwd", "decode")

@@ -25,6 +25,7 @@ import torch
 from .config import DTYPES
 from .measure import build_target, sync_device, training_step
 from .reference import REFERENCES
+from .runner import target_kind
 
 
 def _prepared_step(name: str, n: int, device: str, dtype: str, causal: bool, warmup: int,
@@ -33,8 +34,7 @@ def _prepared_step(name: str, n: int, device: str, dtype: str, causal: bool, war
     `warmup` steps."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    kind = "ref" if name in REFERENCES else "ours"
-    case = {"kind": kind, "target": name, "n": n, "dim": dim, "heads": heads,
+    case = {"kind": target_kind(name), "target": name, "n": n, "dim": dim, "heads": heads,
             "causal": causal, "mode": "fwdbwd"}
     layer, _ = build_target(case)
     layer = layer.to(device=dev, dtype=getattr(torch, DTYPES[dtype]))

@@ -14,7 +14,9 @@ from .reference import CUDA_ONLY, REFERENCES
 from .worker import CaseRunner
 
 
-def _kind(name: str) -> str:
+def target_kind(name: str) -> str:
+    """The kind of a target name: "ref" (bench/reference.py), "peer" (bench/peers.py) or
+    "ours" (a registered mechanism)."""
     from .peers import PEERS
 
     if name in REFERENCES:
@@ -41,7 +43,7 @@ def resolve_targets(cfg: BenchConfig) -> list[tuple[str, str]]:
             raise ValueError(f"--models: unknown {unknown}; expected registered mechanisms "
                              f"{registered}, references {list(REFERENCES)} or peers "
                              f"{sorted(PEERS)}")
-    targets = [(_kind(n), n) for n in names]
+    targets = [(target_kind(n), n) for n in names]
     if cfg.peers:  # every peer, or with --models the peers of the mechanisms listed
         from .peers import PEERS
 

@@ -88,9 +88,8 @@ class OperatorTraffic(TorchDispatchMode):
         calls = sum(r[0] for r in self.rows.values())
         nbytes = sum(r[1] for r in self.rows.values())
         flops = sum(r[2] for r in self.rows.values())
-        total = sum(self.op_ms(r) for r in self.rows.values())
         lines = [f"{calls} operator calls, {nbytes / 2**30:.2f} GiB read + written, "
-                 f"{flops / 1e12:.3f} TFLOP; estimate {total:.2f} ms at "
+                 f"{flops / 1e12:.3f} TFLOP; estimate {self.total_ms():.2f} ms at "
                  f"{self.bandwidth / 1e12:g} TB/s, {self.peak_flops / 1e12:g} TFLOP/s, "
                  f"{self.launch_s * 1e6:g} µs per call", "",
                  f"{'operator':58s} {'calls':>6s} {'GiB':>8s} {'GFLOP':>9s} {'est. ms':>8s}"]
