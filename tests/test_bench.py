@@ -214,6 +214,16 @@ def test_peers_without_their_packages_are_reported_not_installed(tmp_path, monke
                                                "lucidrains_performer_causal"}
 
 
+def test_reference_kernels_run_first_at_each_length():
+    cases = build_cases(BenchConfig(models=["performer", "dense_sdpa", "transformer",
+                                            "flex_window"], modes=("fwdbwd", "causal"),
+                                    lengths=(1024, 256)))
+    order = [(c["n"], c["label"]) for c in cases]
+    assert order == [(n, lab) for n in (256, 1024)
+                     for lab in ("dense_sdpa", "flex_window", "performer", "performer (causal)",
+                                 "transformer", "transformer (causal)")]
+
+
 def test_peers_run_beside_their_pair_and_at_the_peers_settings():
     from efficient_transformers.bench.analysis import peer_rows
     from efficient_transformers.bench.peers import PEERS
@@ -351,6 +361,45 @@ def test_profile_writes_a_table_per_mechanism_and_refuses_unknown_names(tmp_path
     with pytest.raises(SystemExit) as stop:
         profile.main(["--models", "nope", "--device", "cpu", "--out", str(out)])
     assert stop.value.code == 2 and "--models" in capsys.readouterr().err
+
+
+def test_profile_missed_takes_the_missed_subjects_of_a_bench_json(tmp_path, capsys):
+    import json
+
+    from efficient_transformers.bench import profile
+
+    rows = [{"goal": "10x faster than dense at 64k", "subject": "performer", "met": False},
+            {"goal": "10x faster than dense at 64k", "subject": "linformer", "met": True},
+            {"goal": "within 1.2x of linear_chunked_causal",
+             "subject": "linear_transformer (causal)", "met": False},
+            {"goal": "beats transformer fwd+bwd from N=8k", "subject": "performer", "met": False},
+            {"goal": "time and memory <= peer", "subject": "reformer vs reformer_pytorch",
+             "met": False},
+            {"goal": "at least as fast as the peer", "subject": "etc vs x", "met": None}]
+    results = {"analysis": {"targets": rows}}
+    assert profile.missed_subjects(results) == [("performer", False),
+                                                ("linear_transformer", True), ("reformer", False)]
+    path = tmp_path / "bench.json"
+    rows[0]["met"] = rows[4]["met"] = True
+    path.write_text(json.dumps(results))
+    out = tmp_path / "profile"
+    assert profile.main(["--missed", str(path), "--length", "64", "--device", "cpu", "--dtype",
+                         "fp32", "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["linear_transformer-causal.txt",
+                                                     "performer.txt"]
+    assert "linear_transformer (causal): N=64" in capsys.readouterr().out
+    path.write_text(json.dumps({"analysis": {"targets": rows[1:2]}}))
+    assert profile.main(["--missed", str(path), "--device", "cpu", "--out", str(out)]) == 0
+    assert "nothing to profile" in capsys.readouterr().out
+    for bad in (["--missed", str(tmp_path / "none.json")],
+                ["--missed", str(path), "--models", "performer"]):
+        with pytest.raises(SystemExit) as stop:
+            profile.main(bad + ["--device", "cpu"])
+        assert stop.value.code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            profile.main(["--models", "performer", "--device", "cuda"])
+        assert "--device: cuda was asked for" in capsys.readouterr().err
 
 
 def test_operator_traffic_counts_bytes_and_flops_and_skips_views():

@@ -3,13 +3,16 @@ of a few profiled steps, one text table per mechanism, for the mechanisms that m
 
     python -m efficient_transformers.bench.profile --models performer,reformer --length 65536 \
         --device cuda --dtype bf16 --out bench-results/profile --budget 60
+    python -m efficient_transformers.bench.profile --missed bench-results/cuda/bench.json ...
 
 Each mechanism is built as the benchmark builds it (`measure.build_target`: default options,
 N-tied ones from `config.py`), run `--warmup` times, then profiled for `--steps` steps with
 `torch.profiler`. Writes <out>/<name>.txt (the table, sorted by device time on CUDA, by self CPU
-time on CPU) and prints one summary line per mechanism; a mechanism that fails (out of memory,
-say) gets its error in its file instead. Stops starting new mechanisms once `--budget` seconds
-have passed. `benchmarks/cuda.sh` runs it before the CUDA benchmark. `--traffic` counts
+time on CPU; <name>-causal.txt for a causal form) and prints one summary line per mechanism; a
+mechanism that fails (out of memory, say) gets its error in its file instead. Stops starting new
+mechanisms once `--budget` seconds have passed. `--missed` takes the mechanisms from a
+benchmark's bench.json instead: the subjects of the targets that run missed, each in the form
+(causal or not) that missed; `benchmarks/cuda.sh` runs it after the CUDA benchmark. `--traffic` counts
 each operator's bytes and flops over one step instead (`traffic.py`: an estimate for a GPU that
 runs on any device).
 """
@@ -17,12 +20,13 @@ runs on any device).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import torch
 
-from .config import DTYPES
+from .config import DTYPES, label
 from .measure import build_target, sync_device, training_step
 from .reference import REFERENCES
 from .runner import target_kind
@@ -83,12 +87,34 @@ def traffic_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
     return counter.table(rows), counter.total_ms()
 
 
+def missed_subjects(results: dict) -> list[tuple[str, bool]]:
+    """[(mechanism or reference name, causal)] of the targets a benchmark run missed
+    (`results`: a bench.json), in the order of its target rows, each once. A peer row's subject
+    'ours vs peer' names ours."""
+    import efficient_transformers as et
+
+    known = set(et.list_attention()) | set(REFERENCES)
+    found: list[tuple[str, bool]] = []
+    for row in results.get("analysis", {}).get("targets", []):
+        if row.get("met") is not False:
+            continue
+        subject = row["subject"].split(" vs ")[0]
+        causal = subject.endswith(" (causal)")
+        name = subject.removesuffix(" (causal)")
+        if name in known and (name, causal) not in found:
+            found.append((name, causal))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m efficient_transformers.bench.profile",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", required=True,
-                   help="comma-separated registry names or reference kernels "
-                        "(bench/reference.py)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--models", help="comma-separated registry names or reference kernels "
+                                        "(bench/reference.py)")
+    which.add_argument("--missed", metavar="BENCH_JSON",
+                       help="a benchmark's bench.json: profile the subjects of the targets it "
+                            "missed (each causal or not as it missed; --causal is ignored)")
     p.add_argument("--length", type=int, default=65536)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -105,33 +131,48 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import efficient_transformers as et
 
-    models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in et.list_attention() and m not in REFERENCES]
-    if unknown or not models:
-        p.error(f"--models: expected registered mechanisms from {et.list_attention()} or "
-                f"reference kernels {list(REFERENCES)}, got {unknown or args.models!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device: cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if args.missed is not None:
+        try:
+            with open(args.missed, encoding="utf-8") as f:
+                todo = missed_subjects(json.load(f))
+        except (OSError, ValueError) as err:
+            p.error(f"--missed: expected a readable bench.json, got {args.missed!r} ({err})")
+        if not todo:
+            print(f"no missed target in {args.missed}: nothing to profile")
+            return 0
+    else:
+        models = [m for m in args.models.split(",") if m]
+        unknown = [m for m in models if m not in et.list_attention() and m not in REFERENCES]
+        if unknown or not models:
+            p.error(f"--models: expected registered mechanisms from {et.list_attention()} or "
+                    f"reference kernels {list(REFERENCES)}, got {unknown or args.models!r}")
+        todo = [(m, args.causal) for m in models]
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    for name in models:
+    for name, causal in todo:
+        what = label(name, causal, "fwdbwd")
         if time.perf_counter() - start > args.budget:
-            print(f"{name}: not profiled (budget of {args.budget:g} s spent)")
+            print(f"{what}: not profiled (budget of {args.budget:g} s spent)")
             continue
         try:
             if args.traffic:
                 table, ms = traffic_mechanism(name, args.length, args.device, args.dtype,
-                                              args.causal, args.rows)
-                summary = f"{name}: N={args.length} {args.dtype} fwd+bwd estimate {ms:.2f} ms"
+                                              causal, args.rows)
+                summary = f"{what}: N={args.length} {args.dtype} fwd+bwd estimate {ms:.2f} ms"
             else:
                 table, ms = profile_mechanism(name, args.length, args.device, args.dtype,
-                                              args.causal, args.warmup, args.steps, args.rows)
-                summary = f"{name}: N={args.length} {args.dtype} fwd+bwd {ms:.2f} ms per step"
+                                              causal, args.warmup, args.steps, args.rows)
+                summary = f"{what}: N={args.length} {args.dtype} fwd+bwd {ms:.2f} ms per step"
             text = f"{summary}\n\n{table}\n"
         except Exception as err:  # noqa: BLE001 - an OOM or a failure is a result, not a stop
-            summary = f"{name}: N={args.length} failed: {type(err).__name__}: {err}"[:300]
+            summary = f"{what}: N={args.length} failed: {type(err).__name__}: {err}"[:300]
             text = summary + "\n"
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        with open(os.path.join(args.out, f"{name}.txt"), "w", encoding="utf-8") as f:
+        stem = f"{name}-causal" if causal else name
+        with open(os.path.join(args.out, f"{stem}.txt"), "w", encoding="utf-8") as f:
             f.write(text)
         print(summary, flush=True)
     return 0

@@ -103,9 +103,11 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
 
 def _case_order(targets: list[tuple[str, str]]):
     """Sort key: shorter lengths first across all targets (a --budget cut drops the longest
-    cases, and a timeout at N skips the longer N of the same series); at one length, a peer right
-    after the mechanism it pairs with, so that a slow drift of the machine's speed during a run
-    (other load on a shared host) biases ours / peer as little as it can."""
+    cases, and a timeout at N skips the longer N of the same series); at one length, the
+    reference kernels first (a budget cut inside a length leaves the baselines that every ratio
+    needs), then a peer right after the mechanism it pairs with, so that a slow drift of the
+    machine's speed during a run (other load on a shared host) biases ours / peer as little as
+    it can."""
     from .peers import PEERS
 
     position = {name: i for i, (_, name) in enumerate(targets)}
@@ -114,8 +116,8 @@ def _case_order(targets: list[tuple[str, str]]):
         name = case.get("for_peer") or case["target"]
         if case["kind"] == "peer" or case.get("for_peer"):
             peer = PEERS[name]
-            return case["n"], position.get(peer.ours, position[name]), peer.causal
-        return case["n"], position[name], case["causal"]
+            return case["n"], 1, position.get(peer.ours, position[name]), peer.causal
+        return case["n"], case["kind"] != "ref", position[name], case["causal"]
 
     return key
 
