@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import efficient_transformers as et
+from efficient_transformers.bench.traffic import OperatorTraffic
+from efficient_transformers.functional import axial
 from efficient_transformers.functional.axial import axial_attention, axial_attention_reference
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.patterns import dense_pattern_mask
@@ -23,10 +25,20 @@ def test_core_equals_oracle(shape, causal, padded):
     check_oracle(attn.core, dense_pattern_mask(attn.pattern(n), n), n, padded)
 
 
+@pytest.fixture(params=[False, True], ids=["head_by_head", "heads_folded"])
+def fold_heads(request):
+    """The fused node head by head (the CPU's choice) and with the heads folded into the batch
+    (the CUDA one), forced on the CPU."""
+    saved = axial.FOLD_HEADS
+    axial.FOLD_HEADS = request.param
+    yield request.param
+    axial.FOLD_HEADS = saved
+
+
 @pytest.mark.parametrize("shape", [(5, 8), (3, 3, 4), None])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_axial_equals_part_by_part_reference(shape, causal, padded):
+def test_fused_axial_equals_part_by_part_reference(shape, causal, padded, fold_heads):
     # one autograd node against attention_with_lse per part merged by merge_attention_parts:
     # out and lse, values and gradients (the lse alone too: its gradient path without d_out)
     gen = torch.Generator().manual_seed(1)
@@ -42,6 +54,26 @@ def test_fused_axial_equals_part_by_part_reference(shape, causal, padded):
     assert_values_and_gradients_match(fast()[1], slow()[1], [q, k, v], real=has_keys, tol=1e-12)
     both = lambda o, l: o.sum(-1) + l.masked_fill(~has_keys, 0.0)  # noqa: E731
     assert_values_and_gradients_match(both(*fast()), both(*slow()), [q, k, v], tol=1e-12)
+
+
+def test_heads_fold_on_cuda_only_and_cut_the_operator_count():
+    q = torch.zeros(1, 2, 8, 4)
+    assert not axial.folds_heads(q)                     # CPU: head by head (cache, memory)
+
+    def calls(fold):
+        saved = axial.FOLD_HEADS
+        axial.FOLD_HEADS = fold
+        try:
+            attn = small_attention("axial_transformer", shape=(5, 8), dtype=torch.float32,
+                                   dim=32, heads=8)
+            x = torch.randn(1, 40, 32, requires_grad=True)
+            with OperatorTraffic() as count:
+                attn(x).square().sum().backward()
+            return sum(row[0] for row in count.rows.values())
+        finally:
+            axial.FOLD_HEADS = saved
+
+    assert calls(True) < calls(False) / 3   # one pass over the parts, not one per head
 
 
 @pytest.mark.parametrize("causal", [False, True])

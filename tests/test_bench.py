@@ -420,6 +420,17 @@ def test_operator_traffic_counts_bytes_and_flops_and_skips_views():
     # priced as max(bytes / bandwidth, flops / peak): the matmul is bound by its flops here
     assert counter.op_ms(rows["mm.default"]) == pytest.approx(1e3 * 2 * 64 * 32 * 16 / 1e9)
     assert "operator calls" in counter.table()
+    # the host's side: every aten call, views and allocations included, at host_s each; the
+    # estimate is the larger of device and host time
+    calls = sum(row[0] for row in rows.values())
+    assert counter.dispatches > calls + 1
+    assert counter.host_ms() == pytest.approx(1e3 * counter.dispatches * 18e-6)
+    assert counter.device_ms() == pytest.approx(sum(counter.op_ms(r) for r in rows.values()))
+    assert counter.total_ms() == max(counter.host_ms(), counter.device_ms())
+    slow_host = OperatorTraffic(bandwidth=1e9, peak_flops=1e9, launch_s=0.0, host_s=1.0)
+    with slow_host:
+        a @ b
+    assert slow_host.total_ms() == slow_host.host_ms() == 1e3 * slow_host.dispatches
 
 
 def test_profile_traffic_mode_writes_an_estimate(tmp_path, capsys):
