@@ -20,9 +20,9 @@ Any N <= prod(shape): the leading axis is padded. `shape` None: the nearest squa
 Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. Every device: one
 autograd node (`functional.axial.axial_attention`) that runs batched matmuls per axis, merges
 them by log-sum-exp (`functional.merge`) and saves no probabilities; head by head on the CPU,
-all heads at once on CUDA (`functional.axial.folds_heads`: a fifth of the aten calls). FlexAttention with the
-`patterns.Axial` mask stays available (`functional.flex.FORCE_FLEX`), but the columns touch every
-key block, so it skips nothing (`use_flex(q, block_sparse=False)`).
+all heads at once on CUDA (`functional.axial.folds_heads`: a fifth of the aten calls).
+FlexAttention with the `patterns.Axial` mask stays available (`functional.flex.FORCE_FLEX`), but
+the columns touch every key block, so it skips nothing (`use_flex(q, block_sparse=False)`).
 Decode: a KV cache (columns reach every earlier row).
 """
 

@@ -12,9 +12,9 @@ time on CPU; <name>-causal.txt for a causal form) and prints one summary line pe
 mechanism that fails (out of memory, say) gets its error in its file instead. Stops starting new
 mechanisms once `--budget` seconds have passed. `--missed` takes the mechanisms from a
 benchmark's bench.json instead: the subjects of the targets that run missed, each in the form
-(causal or not) that missed; `benchmarks/cuda.sh` runs it after the CUDA benchmark. `--traffic` counts
-each operator's bytes and flops over one step instead (`traffic.py`: an estimate for a GPU that
-runs on any device).
+(causal or not) that missed; `benchmarks/cuda.sh` runs it after the CUDA benchmark. `--traffic`
+counts each operator's bytes and flops over one step instead (`traffic.py`: an estimate for a
+GPU that runs on any device).
 """
 
 from __future__ import annotations
