@@ -321,6 +321,7 @@ def test_cuda_harness_measures_time_and_allocator_peak(tmp_path):
     records = run_bench(cfg)["records"]
     assert [r["status"] for r in records] == ["ok"] * 6
     assert all(r["peak_mib"] > 0 and r["mem_method"] == "max_memory_allocated" for r in records)
+    assert all(0 < r["host_ms"] <= r["time_ms"] for r in records)   # queued, then synchronised
 
 
 def test_memory_run_comes_before_the_timed_runs_and_the_allocator_switch(monkeypatch):
@@ -347,6 +348,45 @@ def test_memory_run_comes_before_the_timed_runs_and_the_allocator_switch(monkeyp
     assert (peak, method, len(times)) == (123, "fake", 3)
     assert events == ["clear", "run", "clear", "baseline", "run", "peak read", "steady",
                       "clear", "run", "clear", "run", "clear", "run"]
+
+
+def test_host_time_is_taken_before_the_closing_synchronisation(monkeypatch):
+    from efficient_transformers.bench import measure
+
+    now = [0.0]
+    monkeypatch.setattr(measure, "sync_device", lambda device: now.__setitem__(0, now[0] + 10))
+    monkeypatch.setattr(measure, "steady_allocator", lambda: None)
+
+    def step():  # the host queues for 1 s; the device then needs 10 more (the sync's wait)
+        now[0] += 1
+
+    class NoPeak:
+        method = "none"
+
+        def peak_bytes(self):
+            return None
+
+    host = []
+    times, _, _ = measure._timed(step, torch.device("cpu"), warmup=1, repeats=3,
+                                 start_peak=NoPeak, clock=lambda: now[0], host_times=host)
+    assert (times, host) == ([11.0] * 3, [1.0] * 3)
+
+
+def test_report_shows_the_host_share_where_it_was_measured(tmp_path):
+    from efficient_transformers.bench.report import render_markdown
+
+    cfg = BenchConfig(models=["transformer"], modes=("fwdbwd",), isolate=False, plots=False,
+                      out=str(tmp_path), **TINY)
+    results = run_bench(cfg, write=False)
+    assert all("host_ms" not in r for r in results["records"])    # CPU: the host is the device
+    assert "host time" not in render_markdown(results, [])
+    for r in results["records"]:
+        r["host_ms"] = 0.9 * r["time_ms"]
+    md = render_markdown(results, [])
+    assert "## Forward + backward: host time (ms) and its share of the step" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `transformer`")
+               and "(90%)" in line)
+    assert row.count("(90%)") == 2
 
 
 def test_profile_writes_a_table_per_mechanism_and_refuses_unknown_names(tmp_path, capsys):

@@ -143,9 +143,12 @@ def sync_device(device):
 
 
 def _timed(fn, device, warmup: int, repeats: int, start_peak, between=None,
-           clock=time.perf_counter):
+           clock=time.perf_counter, host_times: list | None = None):
     """Warm-up runs, one run for the peak memory above a baseline taken just before it, then
-    `repeats` timed runs -> (times, peak bytes or None, memory method)."""
+    `repeats` timed runs -> (times, peak bytes or None, memory method). `host_times`, when
+    given, gets for each timed run the time until `fn` returned, before the closing
+    synchronisation: on CUDA the host's share of the step (close to the whole step when the
+    host, not the GPU, sets the pace)."""
     for _ in range(warmup):
         if between is not None:
             between()
@@ -164,6 +167,8 @@ def _timed(fn, device, warmup: int, repeats: int, start_peak, between=None,
         sync_device(device)
         t0 = clock()
         fn()
+        if host_times is not None:
+            host_times.append(clock() - t0)
         sync_device(device)
         times.append(clock() - t0)
     return times, peak_bytes, method
@@ -198,15 +203,16 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     def start_peak():
         return CudaPeak(device) if device.type == "cuda" else CpuPeak()
 
+    host = [] if device.type == "cuda" else None   # on the CPU the host is the device
     if mode == "fwd":
         layer.eval()
         with torch.no_grad():
-            times, peak_bytes, method = _timed(lambda: layer(x), device, warmup, repeats, start_peak,
-                                 clock=clock)
+            times, peak_bytes, method = _timed(lambda: layer(x), device, warmup, repeats,
+                                               start_peak, clock=clock, host_times=host)
     elif mode == "fwdbwd":
         step, clear = training_step(layer, x)
-        times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak, between=clear,
-                             clock=clock)
+        times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak,
+                                           between=clear, clock=clock, host_times=host)
         if case.get("pair"):
             result["paired"] = _paired(case, layer, x, device, dtype, clock)
     elif mode == "decode":
@@ -216,6 +222,8 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"mode: expected fwd, fwdbwd or decode, got {mode!r}")
     result.update(status="ok", time_ms=statistics.median(times) * 1e3,
                   times_ms=[t * 1e3 for t in times])
+    if host:
+        result["host_ms"] = statistics.median(host) * 1e3
     result.update(peak_mib=None if peak_bytes is None else peak_bytes / MIB,
                   mem_method=method)
     return result

@@ -10,8 +10,8 @@ from typing import Any
 from .analysis import summarize_status
 
 CSV_COLUMNS = ["label", "kind", "target", "mode", "causal", "n", "batch", "dim", "heads", "dtype",
-               "device", "status", "time_ms", "peak_mib", "state_bytes", "mem_method", "wall_s", "cpu_s",
-               "note", "options"]
+               "device", "status", "time_ms", "host_ms", "peak_mib", "state_bytes", "mem_method",
+               "wall_s", "cpu_s", "note", "options"]
 
 
 def fmt_ms(v: float | None) -> str:
@@ -61,6 +61,13 @@ def cell(r: dict[str, Any] | None, field: str) -> str:
     if field == "state_bytes":
         return fmt_bytes(value)
     return fmt_ms(value)
+
+
+def host_cell(r: dict[str, Any] | None) -> str:
+    """'3.10 (96%)': the host's time to queue a CUDA step and its share of the step."""
+    if not r or r.get("status") != "ok" or r.get("host_ms") is None or not r.get("time_ms"):
+        return ""
+    return f"{fmt_ms(r['host_ms'])} ({min(100.0, 100 * r['host_ms'] / r['time_ms']):.0f}%)"
 
 
 def lengths(records) -> list[int]:
@@ -124,6 +131,14 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                            (fmt_n(c["crossover"]) if c["crossover"] else "never"))
             rows.append(row)
         out += [md_table(header, rows), ""]
+        if any(r.get("host_ms") is not None for by_n in g.values() for r in by_n.values()):
+            out += [f"## {title}: host time (ms) and its share of the step", ""]
+            rows = [[f"`{lab}`"] + [host_cell(by_n.get(n)) for n in ns] for lab, by_n in g.items()]
+            out += [md_table(["mechanism"] + [fmt_n(n) for n in ns], rows), "",
+                    "Host time: from the step's start until its last kernel was queued, before "
+                    "the closing synchronisation. Near 100% the host (Python, the dispatcher, "
+                    "kernel launches) sets the pace and fewer, larger operators would help more "
+                    "than fewer bytes.", ""]
         out += [f"## {title}: peak memory (MiB above weights and input)", ""]
         rows = [[f"`{lab}`"] + [cell(by_n.get(n), "peak_mib") for n in ns]
                 for lab, by_n in g.items()]
