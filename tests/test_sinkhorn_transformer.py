@@ -9,8 +9,9 @@ import torch
 
 import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
+from efficient_transformers.bench.traffic import OperatorTraffic
 from efficient_transformers.functional.sinkhorn import (
-    causal_row_normalise, expand_permutation, gumbel_noise, sinkhorn_log,
+    causal_row_normalise, expand_permutation, gumbel_noise, sinkhorn_log, sinkhorn_log_reference,
 )
 from helpers import assert_equals_dense_attention, assert_values_and_gradients_match, max_abs_diff, random_mask, train_losses
 
@@ -141,6 +142,26 @@ def test_sinkhorn_is_doubly_stochastic_and_matches_probability_space():
     few = sinkhorn_log(scores, 3).exp()
     assert max_abs_diff(few, naive_sinkhorn(scores, 3)) < 1e-12
     assert max_abs_diff(few.sum(-2), torch.ones(3, 7, dtype=torch.float64)) < 1e-12
+
+
+@pytest.mark.parametrize("iters", [1, 3, 8])
+def test_sinkhorn_node_equals_the_autograd_loop(iters):
+    # one autograd node against the same loop through autograd: values and gradients, also
+    # through exp (the layer uses P = exp(log P)); and fewer aten calls for forward + backward
+    gen = torch.Generator().manual_seed(3)
+    scores = (torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=gen) * 2).requires_grad_()
+    assert_values_and_gradients_match(sinkhorn_log(scores, iters),
+                                      sinkhorn_log_reference(scores, iters), [scores], tol=1e-12)
+    assert_values_and_gradients_match(sinkhorn_log(scores, iters).exp(),
+                                      sinkhorn_log_reference(scores, iters).exp(), [scores],
+                                      tol=1e-12)
+
+    def calls(fn):
+        with OperatorTraffic() as count:
+            fn(scores, iters).exp().sum().backward()
+        return count.dispatches
+
+    assert calls(sinkhorn_log) < calls(sinkhorn_log_reference)
 
 
 def test_module_permutation_is_doubly_stochastic_after_enough_iterations():
