@@ -199,18 +199,18 @@ class _LinePart:
         view = self.view(dest, role)
         (view.add_ if add else view.copy_)(lines.view(view.shape))
 
-    def scores(self, ql, kl, scale, stat, scratch: Scratch) -> torch.Tensor:
-        """(B·L, s, s) scaled scores in `stat`, −inf where blocked."""
+    def scores(self, ql, kl, stat, scratch: Scratch) -> torch.Tensor:
+        """(B·L, s, s) scores of the already scaled query lines in `stat`, −inf where blocked."""
         out = torch.bmm(ql, kl.transpose(1, 2), out=scratch("scores", *ql.shape[:2], self.size))
-        out = out.to(stat).mul_(scale)
+        out = out.to(stat)
         return out if self.blocked is None else out.masked_fill_(self.blocked, float("-inf"))
 
-    def attend(self, q, k, v, scale, scratch: Scratch):
-        """q, k, v (B, N, d) contiguous -> (out (B, N, d), lse (B, N)) of this part, in position
-        order; queries without a line here: out 0, lse −inf."""
+    def attend(self, q, k, v, scratch: Scratch):
+        """q (scaled), k, v (B, N, d) contiguous -> (out (B, N, d), lse (B, N)) of this part, in
+        position order; queries without a line here: out 0, lse −inf."""
         b, n, d = q.shape
         kl = self.lines(k, "k", scratch, "k_lines")
-        p, lse = masked_softmax_(self.scores(self.lines(q, "q", scratch, "q_lines"), kl, scale,
+        p, lse = masked_softmax_(self.scores(self.lines(q, "q", scratch, "q_lines"), kl,
                                              stat_dtype(q.dtype), scratch))     # (B·L, s, s)
         out_lines = torch.bmm(p.to(v.dtype), self.lines(v, "k", scratch, "v_lines"),
                               out=scratch(f"out{self.index}", *kl.shape))
@@ -222,17 +222,17 @@ class _LinePart:
         self.put_(lse_out, lse, "q", add=False)
         return out, lse_out[..., 0]
 
-    def backward_(self, q, k, v, d_out, lse, shift, scale, d_q, d_k, d_v, scratch: Scratch):
-        """Adds this part's share of the gradients to d_q, d_k, d_v (B, N, d), given q, k, v,
-        d_out (B, N, d) contiguous, the union's lse (B, N) (0 where −inf) and
+    def backward_(self, q, k, v, d_out, lse, shift, d_q, d_k, d_v, scratch: Scratch):
+        """Adds this part's share of the gradients to d_q / scale, d_k, d_v (B, N, d), given the
+        scaled q, k, v, d_out (B, N, d) contiguous, the union's lse (B, N) (0 where −inf) and
         shift = rowsum(dO ∘ O) − dlse (B, N, 1)."""
         stat = lse.dtype
         ql, kl = self.lines(q, "q", scratch, "q_lines"), self.lines(k, "k", scratch, "k_lines")
         vl, gl = self.lines(v, "k", scratch, "v_lines"), self.lines(d_out, "q", scratch, "g_lines")
-        p = self.scores(ql, kl, scale, stat, scratch)
+        p = self.scores(ql, kl, stat, scratch)
         p = p.sub_(self.lines(lse[..., None], "q")).exp_()           # the union's probabilities
         d_s = torch.bmm(gl, vl.transpose(1, 2), out=scratch("d_s", *p.shape)).to(stat)
-        d_s = softmax_grad_(d_s, p, self.lines(shift, "q"), scale).to(q.dtype)
+        d_s = softmax_grad_(d_s, p, self.lines(shift, "q"), 1.0).to(q.dtype)
         for dest, a, bb, role in ((d_q, d_s, kl, "q"), (d_k, d_s.transpose(1, 2), ql, "k"),
                                   (d_v, p.to(v.dtype).transpose(1, 2), gl, "k")):
             self.put_(dest, torch.bmm(a, bb, out=scratch("d_lines", *kl.shape)), role)
@@ -241,10 +241,11 @@ class _LinePart:
 class _AxialAttention(torch.autograd.Function):
     """q, k, v (B, H, N, d), N = prod(shape) -> out (B, H, N, d), lse (B, H, N): one softmax over
     the union of `axial_parts`, head by head and part by part, on contiguous copies of one head
-    and `Scratch` temporaries (B·L, s, s). Saved: q, k, v, out and lse only; backward recomputes
-    each part's probabilities from the union's lse, P = exp(s − lse), and
-    dS = P ∘ (dO vᵀ − rowsum(dO ∘ O) + dlse). out is a view of a (B, N, H, d) tensor, so merging
-    the heads after it costs no copy."""
+    and `Scratch` temporaries (B·L, s, s). The scale multiplies each head's q (B, N, d) once,
+    not every part's scores (B·L, s, s), and d_q once at the end. Saved: q, k, v, out and lse
+    only; backward recomputes each part's probabilities from the union's lse,
+    P = exp(s − lse), and dS = P ∘ (dO vᵀ − rowsum(dO ∘ O) + dlse). out is a view of a
+    (B, N, H, d) tensor, so merging the heads after it costs no copy."""
 
     @staticmethod
     def forward(ctx, q, k, v, shape, causal, key_mask, scale):
@@ -256,8 +257,9 @@ class _AxialAttention(torch.autograd.Function):
         lse = q.new_empty(bsz, heads, n, dtype=stat_dtype(q.dtype))
         for h in range(heads):
             qh, kh, vh = _head(h, scratch, q=q, k=k, v=v)
+            qh = torch.mul(qh, scale, out=scratch("q_scaled", *qh.shape))
             out[:, :, h], lse[:, h] = merge_attention_parts(
-                [part.attend(qh, kh, vh, scale, scratch) for part in parts])
+                [part.attend(qh, kh, vh, scratch) for part in parts])
         ctx.parts, ctx.scale = parts, scale
         ctx.save_for_backward(q, k, v, out, lse)
         return out.transpose(1, 2), lse
@@ -274,11 +276,13 @@ class _AxialAttention(torch.autograd.Function):
             d_out = out.new_zeros(bsz, heads, n, d)
         for h in range(heads):
             qh, kh, vh, gh = _head(h, scratch, q=q, k=k, v=v, g=d_out)
+            qh = torch.mul(qh, ctx.scale, out=scratch("q_scaled", *qh.shape))
             shift = output_shift(gh, out[:, :, h], None if d_lse is None else d_lse[:, h],
                                  lse.dtype)                                     # (B, N, 1)
             for part in ctx.parts:
-                part.backward_(qh, kh, vh, gh, safe_lse[:, h], shift, ctx.scale,
+                part.backward_(qh, kh, vh, gh, safe_lse[:, h], shift,
                                *(t[:, :, h] for t in grads), scratch)
+            grads[0][:, :, h].mul_(ctx.scale)
         return tuple(t.transpose(1, 2) for t in grads) + (None, None, None, None)
 
 

@@ -78,7 +78,8 @@ class _AttentionWithLse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, allowed, scale):
         stat = stat_dtype(q.dtype)
-        scores = torch.matmul(q, k.transpose(-1, -2)).to(stat).mul_(scale)       # (..., N, M)
+        # the scale on q (..., N, d), not on the scores (..., N, M): one pass less over them
+        scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(stat)            # (..., N, M)
         p, lse = masked_softmax_(scores, None if allowed is None else ~allowed)
         out = torch.matmul(p.to(v.dtype), v)
         ctx.save_for_backward(q, k, v, p, out)
@@ -92,9 +93,9 @@ class _AttentionWithLse(torch.autograd.Function):
         stat = p.dtype
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_p = torch.matmul(d_out, v.transpose(-1, -2)).to(stat)                    # (..., N, M)
-        d_s = softmax_grad_(d_p, p, output_shift(d_out, out, d_lse, stat), ctx.scale).to(q.dtype)
-        d_q = torch.matmul(d_s, k)
-        d_k = torch.matmul(d_s.transpose(-1, -2), q)
+        d_s = softmax_grad_(d_p, p, output_shift(d_out, out, d_lse, stat), 1.0).to(q.dtype)
+        d_q = torch.matmul(d_s, k).mul_(ctx.scale)             # the scale on (..., N, d) again
+        d_k = torch.matmul(d_s.transpose(-1, -2), q * ctx.scale)
         d_v = torch.matmul(p.to(v.dtype).transpose(-1, -2), d_out)
         return d_q, d_k, d_v, None, None
 
