@@ -125,15 +125,15 @@ def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: tu
     bsz, heads, n, d = q.shape
     q, k, v, shape, mask = _on_grid(q, k, v, shape, key_mask)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if heads > 1 and folds_heads(q):   # (B, H, N', d) -> (B·H, 1, N', d): one "head" per line
-        total = q.shape[2]
+    total = q.shape[2]
+    folded = heads > 1 and folds_heads(q)
+    if folded:   # (B, H, N', d) -> (B·H, 1, N', d): one "head" per batch entry
         q, k, v = (t.reshape(bsz * heads, 1, total, d) for t in (q, k, v))
         if mask is not None:
             mask = mask[:, None].expand(bsz, heads, total).reshape(bsz * heads, total)
-        out, lse = _AxialAttention.apply(q, k, v, shape, causal, mask, scale)
+    out, lse = _AxialAttention.apply(q, k, v, shape, causal, mask, scale)
+    if folded:
         out, lse = out.view(bsz, heads, total, d), lse.view(bsz, heads, total)
-    else:
-        out, lse = _AxialAttention.apply(q, k, v, shape, causal, mask, scale)
     return out[:, :, :n], lse[:, :, :n]
 
 
