@@ -26,13 +26,11 @@ def test_core_equals_oracle(shape, causal, padded):
 
 
 @pytest.fixture(params=[False, True], ids=["head_by_head", "heads_folded"])
-def fold_heads(request):
+def fold_heads(request, monkeypatch):
     """The fused node head by head (the CPU's choice) and with the heads folded into the batch
     (the CUDA one), forced on the CPU."""
-    saved = axial.FOLD_HEADS
-    axial.FOLD_HEADS = request.param
-    yield request.param
-    axial.FOLD_HEADS = saved
+    monkeypatch.setattr(axial, "FOLD_HEADS", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (3, 3, 4), None])
@@ -56,22 +54,18 @@ def test_fused_axial_equals_part_by_part_reference(shape, causal, padded, fold_h
     assert_values_and_gradients_match(both(*fast()), both(*slow()), [q, k, v], tol=1e-12)
 
 
-def test_heads_fold_on_cuda_only_and_cut_the_operator_count():
+def test_heads_fold_on_cuda_only_and_cut_the_operator_count(monkeypatch):
     q = torch.zeros(1, 2, 8, 4)
     assert not axial.folds_heads(q)                     # CPU: head by head (cache, memory)
 
     def calls(fold):
-        saved = axial.FOLD_HEADS
-        axial.FOLD_HEADS = fold
-        try:
-            attn = small_attention("axial_transformer", shape=(5, 8), dtype=torch.float32,
-                                   dim=32, heads=8)
-            x = torch.randn(1, 40, 32, requires_grad=True)
-            with OperatorTraffic() as count:
-                attn(x).square().sum().backward()
-            return sum(row[0] for row in count.rows.values())
-        finally:
-            axial.FOLD_HEADS = saved
+        monkeypatch.setattr(axial, "FOLD_HEADS", fold)
+        attn = small_attention("axial_transformer", shape=(5, 8), dtype=torch.float32,
+                               dim=32, heads=8)
+        x = torch.randn(1, 40, 32, requires_grad=True)
+        with OperatorTraffic() as count:
+            attn(x).square().sum().backward()
+        return sum(row[0] for row in count.rows.values())
 
     assert calls(True) < calls(False) / 3   # one pass over the parts, not one per head
 

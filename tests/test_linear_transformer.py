@@ -49,13 +49,11 @@ class OutputDtypes(TorchDispatchMode):
 
 
 @pytest.fixture
-def keep_bf16_on_cpu():
+def keep_bf16_on_cpu(monkeypatch):
     """kernels.KEEP_BF16 on: the CUDA bf16 path, run on CPU."""
     from efficient_transformers.functional import kernels
 
-    kernels.KEEP_BF16 = True
-    yield
-    kernels.KEEP_BF16 = None
+    monkeypatch.setattr(kernels, "KEEP_BF16", True)
 
 
 KERNELISED = [("linear_transformer", False), ("linear_transformer", True), ("performer", False),
@@ -63,7 +61,8 @@ KERNELISED = [("linear_transformer", False), ("linear_transformer", True), ("per
 
 
 @pytest.mark.parametrize("name,causal", KERNELISED)
-def test_bf16_path_computes_in_bf16_near_the_float64_layer(name, causal, keep_bf16_on_cpu):
+def test_bf16_path_computes_in_bf16_near_the_float64_layer(name, causal, keep_bf16_on_cpu,
+                                                           monkeypatch):
     """`keeps_bf16` (bf16 input on CUDA, forced here on CPU): the forward computes in bf16 with
     no float32 inside, within bf16 precision of the float64 definition (`kernels.keeps_bf16`
     measures about 0.4-1%), input gradients too (about 0.4-1.3% here); decode state stays
@@ -90,7 +89,7 @@ def test_bf16_path_computes_in_bf16_near_the_float64_layer(name, causal, keep_bf
         kv = state["kv"][0] if isinstance(state["kv"], tuple) else state["kv"]
         assert kv.dtype == torch.float32
     assert not kernels.keeps_bf16(x_low.detach().float())
-    kernels.KEEP_BF16 = None
+    monkeypatch.setattr(kernels, "KEEP_BF16", None)
     assert not kernels.keeps_bf16(x_low)                                   # CPU: float32 inside
 
 

@@ -94,8 +94,8 @@ class _AttentionWithLse(torch.autograd.Function):
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_p = torch.matmul(d_out, v.transpose(-1, -2)).to(stat)                    # (..., N, M)
         d_s = softmax_grad_(d_p, p, output_shift(d_out, out, d_lse, stat), 1.0).to(q.dtype)
-        d_q = torch.matmul(d_s, k).mul_(ctx.scale)             # the scale on (..., N, d) again
-        d_k = torch.matmul(d_s.transpose(-1, -2), q * ctx.scale)
+        d_q = torch.matmul(d_s, k).mul_(ctx.scale)           # the scale on (..., N|M, d) again
+        d_k = torch.matmul(d_s.transpose(-1, -2), q).mul_(ctx.scale)
         d_v = torch.matmul(p.to(v.dtype).transpose(-1, -2), d_out)
         return d_q, d_k, d_v, None, None
 
