@@ -61,11 +61,14 @@ def rand(*shape):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
 
+@pytest.mark.parametrize("count", [None, 23], ids=["largest-count", "bound-n"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("window,dilations,block", [(2, (1, 1, 1), 2), (3, (1, 2, 3), 3),
                                                     (4, (2, 2, 1), 3)])
-def test_blocked_path_equals_oracle(causal, padded, window, dilations, block):
+def test_blocked_path_equals_oracle(causal, padded, window, dilations, block, count):
+    """count: the global slots as many as the largest row's, or a bound from the host (here every
+    position: most slots are invalid)."""
     b, h, n, d = 2, 3, 23, 4
     gen = torch.Generator().manual_seed(window)
     qs, ks, vs, qg, kg, vg = (rand(b, h, n, d) for _ in range(6))
@@ -75,7 +78,8 @@ def test_blocked_path_equals_oracle(causal, padded, window, dilations, block):
     is_global[1] = False  # one row without global tokens
     if key_mask is not None:
         is_global &= key_mask
-    index, valid = gather_global(is_global)
+    index, valid = gather_global(is_global, count)
+    assert index.shape[1] == (int(is_global.sum(1).max()) if count is None else count)
     fast = longformer_attention(qs, ks, vs, take_rows(qg, index), kg, vg, index, valid, window,
                                 dilations, causal, key_mask, block)
     slow = oracle(qs, ks, vs, qg, kg, vg, is_global, window, dilations, causal, key_mask)

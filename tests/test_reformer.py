@@ -40,6 +40,10 @@ def test_fast_path_equals_definition(causal, padded, n, chunk, n_buckets, rounds
     real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
     # padded queries' outputs are not meaningful
     assert_values_and_gradients_match(fast, slow, (qk, v), real[:, None, :, None], tol=1e-12)
+    # the layer's call: the bucket bound from the host instead of the ids' maximum
+    bounded = lsh_attention(qk, v, buckets, chunk, causal, n_buckets=n_buckets)
+    slow = naive_lsh_attention(qk, v, buckets, chunk, causal)
+    assert_values_and_gradients_match(bounded, slow, (qk, v), real[:, None, :, None], tol=1e-12)
 
 
 def test_buckets_are_the_argmax_over_both_signs_in_any_block_size(monkeypatch):

@@ -11,7 +11,8 @@ import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.bench.traffic import OperatorTraffic
 from efficient_transformers.functional.sinkhorn import (
-    causal_row_normalise, expand_permutation, gumbel_noise, sinkhorn_log, sinkhorn_log_reference,
+    causal_row_normalise, expand_permutation, gumbel_noise, sinkhorn_block_attention, sinkhorn_log,
+    sinkhorn_log_reference, sortcut_attention,
 )
 from helpers import assert_equals_dense_attention, assert_values_and_gradients_match, max_abs_diff, random_mask, train_losses
 
@@ -127,6 +128,29 @@ def test_sortcut_equals_oracle(padded):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, N, DIM, dtype=torch.float64, generator=gen)
     compare_with_oracle(attn, x, random_mask(2, N, generator=gen) if padded else None)
+
+
+@pytest.mark.parametrize("causal,first_row", [(False, 0), (True, 0), (True, 2)])
+def test_no_padding_known_on_the_host_equals_an_all_real_mask(causal, first_row):
+    """real_b None (the layer knows there is no padding, so nothing reads the device) against
+    the same blocks with an all-True real_b, on values and gradients; SortCut too."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, nb, s, d = 2, 2, 5, 4, 3
+    q, k, v = (torch.randn(b, h, nb, s, d, dtype=torch.float64, generator=gen).requires_grad_()
+               for _ in range(3))
+    perm = torch.softmax(torch.randn(b, h, nb - first_row, nb, dtype=torch.float64,
+                                     generator=gen), dim=-1)
+    real_b = torch.ones(b, nb, s, dtype=torch.bool)
+    rows = q[:, :, first_row:]
+
+    def both(real):
+        return sinkhorn_block_attention(rows, k, v, real, perm, causal, first_row)
+    assert_values_and_gradients_match(both(None), both(real_b), (q, k, v), tol=1e-12)
+    if not causal:
+        flat = q.reshape(b, h, nb * s, d)
+        assert_values_and_gradients_match(sortcut_attention(flat, k, v, None, perm, 2),
+                                          sortcut_attention(flat, k, v, real_b, perm, 2),
+                                          (q, k, v), tol=1e-12)
 
 
 def test_sortcut_larger_than_the_number_of_blocks_is_clipped():

@@ -81,6 +81,16 @@ class Attention(nn.Module):
         b, h, n, d = t.shape
         return t.transpose(1, 2).reshape(b, n, h * d)
 
+    def buffer_int(self, name: str) -> int:
+        """The int held by the one-element buffer `name` (a seed), read from its device only
+        when the buffer changed: another tensor (`.to(device)`) or an in-place write
+        (`load_state_dict`). A step on CUDA then never waits for the GPU to read a seed."""
+        t = getattr(self, name)
+        seen = self.__dict__.setdefault("_buffer_ints", {}).get(name)
+        if seen is None or seen[0] is not t or seen[1] != t._version:
+            seen = self._buffer_ints[name] = (t, t._version, int(t))
+        return seen[2]
+
     # ------------------------------------------------------------------------------- checks
     def check_input(self, x: Any, mask: Any = None, offset: int = 0) -> None:
         """Refuse bad input with an exception naming the argument; `offset` = tokens seen before."""

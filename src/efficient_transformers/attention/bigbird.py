@@ -44,7 +44,7 @@ class BigBirdAttention(Attention):
     def pattern(self, n: int) -> BigBirdPattern:
         """The layer's pattern for a sequence of n tokens (tests and pictures use it too)."""
         return BigBirdPattern(self.block_size, -(-n // self.block_size), self.num_random_blocks,
-                              self.num_global, int(self.random_seed))
+                              self.num_global, self.buffer_int("random_seed"))
 
     def attend(self, x, mask):
         q, k, v = [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
@@ -53,7 +53,7 @@ class BigBirdAttention(Attention):
         out = flex_or_none(q, k, v, pattern, mask)
         if out is None:
             out = bigbird_attention(q, k, v, self.block_size, self.num_random_blocks,
-                                    self.num_global, int(self.random_seed), mask)
+                                    self.num_global, self.buffer_int("random_seed"), mask)
         return self.to_out(self.merge_heads(out))
 
     def extra_repr(self):

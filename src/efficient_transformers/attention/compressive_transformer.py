@@ -165,8 +165,8 @@ class CompressiveAttention(TransformerXLAttention):
     def reconstruction_loss(self, ctx) -> torch.Tensor:
         """Rae et al. Algorithm 2 for every segment that completed in this call."""
         L, M, c, dev = self.segment_len, self.memory_len, self.compression_rate, ctx.z.device
-        done = torch.arange(ctx.start // L, ctx.end // L, device=dev)  # segments ending here
-        done = done[(done + 1) * L <= ctx.end]
+        # segments ending here: s < end // L, so (s + 1)·L <= end for each
+        done = torch.arange(ctx.start // L, ctx.end // L, device=dev)
         gpe = L // c                                                     # groups per eviction
         g = ((done + 1) * L - M)[:, None] // c - gpe + torch.arange(gpe, device=dev)  # (E, gpe)
         gi = g - ctx.g_hi

@@ -97,11 +97,12 @@ class LongformerAttention(Attention):
             if out is not None:
                 return self._finish_flex(x, out, mask)
             is_global = (torch.arange(n, device=x.device) < self.num_global).expand(b, n)
+            count = self.num_global  # a bound known on the host
         else:
-            is_global = global_mask
+            is_global, count = global_mask, None
         if mask is not None:
             is_global = is_global & mask
-        index, valid = gather_global(is_global)                                 # (B, G)
+        index, valid = gather_global(is_global, count)                          # (B, G)
         qg_rows = kg = vg = None
         if index.shape[1]:
             xg = x.gather(1, index[..., None].expand(b, index.shape[1], self.dim))

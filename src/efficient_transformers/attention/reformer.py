@@ -96,9 +96,10 @@ class ReformerAttention(Attention):
         if self.redraw and self.training:
             return random_rotations(self.heads, self.n_hashes, self.head_dim, n_buckets,
                                     device=device, dtype=dtype)
-        key = (int(self.hash_seed), n_buckets, str(device), dtype)
+        seed = self.buffer_int("hash_seed")
+        key = (seed, n_buckets, str(device), dtype)
         if key not in self._rotations:
-            gen = torch.Generator().manual_seed(int(self.hash_seed))
+            gen = torch.Generator().manual_seed(seed)
             self._rotations = {key: random_rotations(self.heads, self.n_hashes, self.head_dim,
                                                      n_buckets, gen, device, dtype)}
         return self._rotations[key]
@@ -127,7 +128,8 @@ class ReformerAttention(Attention):
     def attend(self, x, mask):
         n = x.shape[1]
         qk, v, buckets = self.hashed(x, mask)
-        out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal)
+        out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal,
+                            n_buckets=self.buckets_for(qk.shape[2]))
         return self.to_out(self.merge_heads(out[:, :, :n]))
 
     def display_order(self, x):

@@ -125,7 +125,7 @@ class RoutingAttention(Attention):
                 new = ema_centroids(new, x, a, real, self.decay)
             self.centroids = new  # a new tensor: the graph of this call keeps the old one
 
-    def fused_routing(self, qkv, q, k, real):
+    def fused_routing(self, qkv, q, k, real, mask):
         """CPU fast path of the non-causal routing heads (functional/routed.py): the routing
         decisions without autograd, then one node for attention and commitment loss."""
         mu = self.centroids.detach()
@@ -134,13 +134,14 @@ class RoutingAttention(Attention):
             scores, members = self.balanced_routing([u[0] for u in units], real)
             best = [tuple(sc.max(dim=-1)) for sc in scores]
         commitment = Commitment(units, best, mu, real, self.commitment)
-        out, self.aux_loss = routed_heads(qkv, self.heads, self.local_heads, *members, real,
+        out, self.aux_loss = routed_heads(qkv, self.heads, self.local_heads, *members, mask,
                                           commitment)
         self.ema_step([u[0] for u in units], [b[1] for b in best], real)
         return out
 
-    def routing(self, q, k, v, real):
-        """Routing heads: q, k, v (B, Hr, N, d), real (B, N) -> (B, Hr, N, d)."""
+    def routing(self, q, k, v, real, mask):
+        """Routing heads: q, k, v (B, Hr, N, d), real (B, N) -> (B, Hr, N, d). The attention
+        masks keys only when a `mask` was given: no padding is known without reading the device."""
         mu = self.centroids.detach()
         if self.causal:
             r, _ = self.route_vectors(q, k)
@@ -149,7 +150,7 @@ class RoutingAttention(Attention):
             self.learn([r], [scores], real)
             group = torch.where(real[:, None, :], assign, self.num_clusters)  # padded: own group
             order = sort_by_group(group)
-            real_h = None if bool(real.all()) else permute(real[:, None, :].expand_as(group), order)
+            real_h = None if mask is None else permute(real[:, None, :].expand_as(group), order)
             qs, ks, vs = (permute(t, order) for t in (q, k, v))
             out = grouped_window_attention(qs, ks, vs, permute(group, order), real_h,
                                            self.window, causal=True)
@@ -157,7 +158,7 @@ class RoutingAttention(Attention):
         q_hat, k_hat = self.route_vectors(q, k)
         scores, members = self.balanced_routing([q_hat, k_hat], real)
         self.learn([q_hat, k_hat], scores, real)
-        return routed_attention(q, k, v, *members, real)
+        return routed_attention(q, k, v, *members, mask)
 
     def balanced_routing(self, vectors, real):
         """Non-causal: unit vectors (B, Hr, N, d) per side -> their centroid scores
@@ -187,9 +188,9 @@ class RoutingAttention(Attention):
         if hl:
             outs.append(self.local(q[:, :hl], k[:, :hl], v[:, :hl], mask))
         if self.uses_fused_routing(qkv):
-            outs.append(self.fused_routing(qkv, q[:, hl:], k[:, hl:], real))
+            outs.append(self.fused_routing(qkv, q[:, hl:], k[:, hl:], real, mask))
         elif self.routing_heads:
-            outs.append(self.routing(q[:, hl:], k[:, hl:], v[:, hl:], real))
+            outs.append(self.routing(q[:, hl:], k[:, hl:], v[:, hl:], real, mask))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.to_out(self.merge_heads(out))
 

@@ -116,7 +116,8 @@ class SinkhornAttention(Attention):
         xp, real, perm = self.sort_matrix(x, mask)
         nb = xp.shape[1] // s
         q, k, v = self.qkv(xp)  # (B, H, Np, d)
-        real_b = real.view(b, nb, s)
+        padded = mask is not None or nb * s != n  # known on the host: no wait for the device
+        real_b = real.view(b, nb, s) if padded else None
         kb, vb = (t.reshape(b, self.heads, nb, s, -1) for t in (k, v))
         if self.sortcut:
             out = sortcut_attention(q, kb, vb, real_b, perm, min(self.sortcut, nb))
@@ -153,7 +154,8 @@ class SinkhornAttention(Attention):
         pad = nb * s - end
         kb = F.pad(k, (0, 0, 0, pad)).view(b, h, nb, s, -1)
         vb = F.pad(v, (0, 0, 0, pad)).view(b, h, nb, s, -1)
-        real_b = (torch.arange(nb * s, device=x_new.device) < end).view(1, nb, s).expand(b, -1, -1)
+        real_b = None if pad == 0 else \
+            (torch.arange(nb * s, device=x_new.device) < end).view(1, nb, s).expand(b, -1, -1)
         offset = start - first * s
         qb = F.pad(q, (0, 0, offset, rows * s - offset - t)).view(b, h, rows, s, -1)
         out = sinkhorn_block_attention(qb, kb, vb, real_b, perm, causal=True, first_row=first)

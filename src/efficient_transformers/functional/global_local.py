@@ -296,11 +296,15 @@ def local_block_size(window: int, target: int = 128) -> int:
     return max(1, math.ceil(window / math.ceil(window / target)))
 
 
-def gather_global(is_global: torch.Tensor):
-    """(B, N) bool -> (index (B, G) long of the global positions in order, valid (B, G) bool),
-    G = the largest count in the batch (0 when there is none; invalid slots point at position 0).
-    """
-    g = int(is_global.sum(dim=1).max()) if is_global.numel() else 0
+def gather_global(is_global: torch.Tensor, count: int | None = None):
+    """(B, N) bool -> (index (B, G) long of the global positions in order, valid (B, G) bool).
+
+    G = `count` when the caller knows a bound on every row's count (nothing then waits for the
+    device), else the largest count in the batch (0 when there is none). The invalid slots of a
+    row point at distinct non-global positions."""
+    if count is None:
+        count = int(is_global.sum(dim=1).max()) if is_global.numel() else 0
+    g = min(count, is_global.shape[1])
     order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]  # globals first
     return order, is_global.gather(1, order)
 

@@ -122,17 +122,19 @@ def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def routed_attention(q, k, v, q_members, k_members, real):
     """Non-causal routing attention with balanced clusters.
 
-    q_members, k_members (B, H, C, size) token indices; real (B, N). Query i's output is the mean
+    q_members, k_members (B, H, C, size) token indices; real (B, N) bool, or None when every
+    token is real (decided on the host: nothing waits for the device). Query i's output is the mean
     over the clusters that selected it of softmax(q_i K_c^T / sqrt(d)) V_c over the real keys of
     cluster c; a query no cluster selected gets 0. -> (B, H, N, d).
     """
     b, h, n, d = q.shape
     c, size = q_members.shape[-2:]
     qs, ks, vs = (_gather_tokens(t, i) for t, i in ((q, q_members), (k, k_members), (v, k_members)))
-    key_real = real[:, None, :].expand(b, h, n).gather(2, k_members.reshape(b, h, -1))
-    key_real = key_real.view(b, h * c, 1, size)
-    key_real = key_real | ~key_real.any(dim=-1, keepdim=True)  # a fully padded row: no empty rows
-    key_real = None if bool(key_real.all()) else key_real
+    key_real = None
+    if real is not None:
+        key_real = real[:, None, :].expand(b, h, n).gather(2, k_members.reshape(b, h, -1))
+        key_real = key_real.view(b, h * c, 1, size)
+        key_real = key_real | ~key_real.any(dim=-1, keepdim=True)  # fully padded: no empty rows
     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=key_real)  # (B, H*C, size, d)
     flat = q_members.reshape(b, h, c * size)
     total = torch.zeros_like(q).scatter_add(2, flat[..., None].expand(-1, -1, -1, d),
@@ -236,7 +238,8 @@ def group_ranks(group: torch.Tensor, num_groups: int, start: torch.Tensor | None
 
     group (B, H, T); start (B, H, G) counts before this chunk -> (ranks (B, H, T), counts (B, H, G)).
     """
-    onehot = F.one_hot(group, num_groups)  # (B, H, T, G)
+    # (B, H, T, G); F.one_hot would read the ids' range from the device first
+    onehot = (group[..., None] == torch.arange(num_groups, device=group.device)).long()
     before = onehot.cumsum(dim=2) - onehot
     if start is not None:
         before = before + start[:, :, None, :]

@@ -225,10 +225,10 @@ def _static_mask(n_chunks: int, chunk: int, causal: bool, device) -> torch.Tenso
     return band[None] & (first | (t >= chunk)[None])
 
 
-def _blocked_pairs(buckets, order, rank, flat, chunk, causal):
+def _blocked_pairs(buckets, order, rank, flat, chunk, causal, n_buckets):
     """(B, H, R, C, c, 2c) bool: True where a query may not use a window key in that round —
     another bucket, outside the static window, or a pair already attended in an earlier round
-    (each pair counted once)."""
+    (each pair counted once). Bucket ids are at most n_buckets (the padding bucket)."""
     b_, h, r, p = buckets.shape
     c, n_chunks = chunk, p // chunk
     dev = buckets.device
@@ -241,7 +241,7 @@ def _blocked_pairs(buckets, order, rank, flat, chunk, causal):
         big, loc = p + c + 1, rank
     else:  # member of round s: same bucket and chunk distance in {0, 1}
         big, loc = n_chunks + 2, torch.div(rank, c, rounding_mode="floor")
-    top = (int(buckets.max()) + 1) * big
+    top = (n_buckets + 1) * big
     kind = torch.int16 if top < 2 ** 15 else torch.int32 if top < 2 ** 31 else torch.int64
     loc = (buckets * big + loc).to(kind)
     loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, flat)  # all rounds' locs
@@ -264,10 +264,13 @@ def _blocked_pairs(buckets, order, rank, flat, chunk, causal):
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chunk: int,
-                  causal: bool, scale: float | None = None) -> torch.Tensor:
+                  causal: bool, scale: float | None = None,
+                  n_buckets: int | None = None) -> torch.Tensor:
     """Chunked multi-round shared-QK LSH attention; O(R·N·2c) memory, no N×N tensor.
 
-    qk (B, H, P, d), v (B, H, P, e), buckets (B, H, R, P) with P a multiple of `chunk`.
+    qk (B, H, P, d), v (B, H, P, e), buckets (B, H, R, P) with P a multiple of `chunk`, ids in
+    [0, n_buckets] (n_buckets: the padding bucket). Without n_buckets the ids' maximum is read
+    from the device (on CUDA the host waits for it).
     Returns (B, H, P, e) = softmax over the union of the rounds' sets (module docstring).
     """
     b_, h, p, d = qk.shape
@@ -291,7 +294,9 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chun
     # one gather of [q·scale, k = q/|q|, v] into sorted order, after one chunk of padding
     rows_in = torch.cat([qk * scale, F.normalize(qk, dim=-1), v], dim=-1)
     packed = _SortRounds.apply(rows_in.reshape(-1, 2 * d + e), flat, to_slot, shape, c)
-    blocked = _blocked_pairs(buckets, order, rank, flat, c, causal)
+    if n_buckets is None:
+        n_buckets = int(buckets.max())
+    blocked = _blocked_pairs(buckets, order, rank, flat, c, causal, n_buckets)
     out_s, lse_s = _ChunkWindowAttention.apply(packed, blocked.flatten(0, 3), d)  # (M, c, e)
     del blocked
 

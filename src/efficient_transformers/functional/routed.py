@@ -138,11 +138,12 @@ def routed_heads(qkv: torch.Tensor, heads: int, h0: int, q_members: torch.Tensor
                  commitment: Commitment | None = None):
     """The routed heads h0.. of the projection qkv (B, N, 3·H·d) -> (out (B, Hr, N, d), the
     commitment loss (0 without `commitment`)), as one autograd node (see the module docstring).
-    real (B, N) bool, True = real token; members (B, Hr, C, S) from `balanced_members`."""
+    real (B, N) bool, True = real token, or None when every token is real (decided on the host);
+    members (B, Hr, C, S) from `balanced_members`."""
     b, n, _ = qkv.shape
     hr, c, s = q_members.shape[1:]
     blocked = None
-    if not bool(real.all()):
+    if real is not None:
         key_real = real[:, None, :].expand(b, hr, n).gather(2, k_members.reshape(b, hr, -1))
         key_real = key_real.view(b * hr * c, 1, s)
         key_real = key_real | ~key_real.any(dim=-1, keepdim=True)  # no empty rows

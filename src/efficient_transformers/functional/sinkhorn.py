@@ -113,10 +113,18 @@ def hard_block_order(perm: torch.Tensor) -> torch.Tensor:
     return torch.sort(first, dim=-1, stable=True).indices
 
 
-def permuted_slot_real(real_b: torch.Tensor, causal: bool, first_row: int, rows: int) -> torch.Tensor:
+def permuted_slot_real(real_b: torch.Tensor | None, causal: bool, first_row: int, rows: int,
+                       block: int = 1, device=None) -> torch.Tensor | None:
     """Which slots of a sorted block hold at least one real token among the blocks it mixes.
 
-    real_b (B, nb, s) -> (B, rows, s): non-causal every block is mixed; causal row i mixes j < i."""
+    real_b (B, nb, s) -> (B, rows, s): non-causal every block is mixed; causal row i mixes j < i.
+    real_b None (no padding, blocks of `block` tokens): None non-causal (every slot is real),
+    (1, rows, block) causal (every row but the sequence's first mixes a real block)."""
+    if real_b is None:
+        if not causal:
+            return None
+        row = torch.arange(first_row, first_row + rows, device=device)
+        return (row > 0)[None, :, None].expand(1, rows, block)
     if not causal:
         return real_b.any(dim=1, keepdim=True).expand(-1, rows, -1)
     seen = torch.cumsum(real_b.to(torch.int32), dim=1) > 0  # (B, nb, s): any real in blocks <= j
@@ -124,9 +132,9 @@ def permuted_slot_real(real_b: torch.Tensor, causal: bool, first_row: int, rows:
     return seen[:, first_row:first_row + rows]
 
 
-def _zero_padded(blocks: torch.Tensor, real_b: torch.Tensor) -> torch.Tensor:
+def _zero_padded(blocks: torch.Tensor, real_b: torch.Tensor | None) -> torch.Tensor:
     """blocks (B, H, nb, s, d) with the padded keys (real_b (B, nb, s) False) set to 0."""
-    if bool(real_b.all()):
+    if real_b is None:
         return blocks
     return blocks * real_b[:, None, :, :, None].to(blocks.dtype)
 
@@ -143,7 +151,8 @@ def sinkhorn_block_attention(q_blocks, k_blocks, v_blocks, real_b, perm, causal:
     """Each query block attends to its own block and to its softly sorted block.
 
     q_blocks (B, H, R, s, d): query blocks first_row .. first_row + R - 1; k_blocks, v_blocks
-    (B, H, nb, s, d): every key block; real_b (B, nb, s) bool; perm (B, H, R, nb).
+    (B, H, nb, s, d): every key block; real_b (B, nb, s) bool, or None when every token is real
+    (decided on the host: nothing waits for the device); perm (B, H, R, nb).
     Own block: real keys (and the query itself), causal: key position <= query position.
     Sorted block: sum_j perm[r, j] * (block j with padded keys zeroed); a slot is a real key when
     some mixed block has a real token there. -> (B, H, R, s, d). Scores are (R, s, 2s) per head.
@@ -153,17 +162,21 @@ def sinkhorn_block_attention(q_blocks, k_blocks, v_blocks, real_b, perm, causal:
     own_v = v_blocks[:, :, first_row:first_row + rows]
     sk = sorted_blocks(perm, _zero_padded(k_blocks, real_b))
     sv = sorted_blocks(perm, _zero_padded(v_blocks, real_b))
-    own_real = real_b[:, first_row:first_row + rows]  # (B, R, s)
-    eye = torch.eye(s, dtype=torch.bool, device=q_blocks.device)
-    own = own_real[:, :, None, :] | eye  # (B, R, s_q, s_k)
-    if causal:
-        own = own & torch.ones(s, s, dtype=torch.bool, device=q_blocks.device).tril()
-    slot = permuted_slot_real(real_b, causal, first_row, rows)  # (B, R, s)
-    allowed = torch.cat([own, slot[:, :, None, :].expand(-1, -1, s, -1)], dim=-1)  # (B, R, s, 2s)
     keys = torch.cat([own_k, sk], dim=3)  # (B, H, R, 2s, d)
     values = torch.cat([own_v, sv], dim=3)
-    mask = None if not causal and bool(allowed.all()) else allowed[:, None]
-    return block_sdpa(q_blocks, keys, values, mask)
+    if real_b is None and not causal:
+        return block_sdpa(q_blocks, keys, values, None)
+    # the leading axis below is B, or 1 when real_b is None
+    dev = q_blocks.device
+    own = torch.ones(1, rows, s, s, dtype=torch.bool, device=dev)
+    if real_b is not None:
+        eye = torch.eye(s, dtype=torch.bool, device=dev)  # the query itself
+        own = real_b[:, first_row:first_row + rows, None, :] | eye
+    if causal:
+        own = own & own.new_ones(s, s).tril()  # (B, R, s_q, s_k)
+    slot = permuted_slot_real(real_b, causal, first_row, rows, s, dev)  # (B, R, s)
+    allowed = torch.cat([own, slot[:, :, None, :].expand(-1, -1, s, -1)], dim=-1)  # (B, R, s, 2s)
+    return block_sdpa(q_blocks, keys, values, allowed[:, None])
 
 
 def sortcut_attention(q, k_blocks, v_blocks, real_b, perm, budget: int):
@@ -173,8 +186,8 @@ def sortcut_attention(q, k_blocks, v_blocks, real_b, perm, budget: int):
     b, h, nb, s, d = k_blocks.shape
     sk = sorted_blocks(perm[:, :, :budget], _zero_padded(k_blocks, real_b)).reshape(b, h, budget * s, d)
     sv = sorted_blocks(perm[:, :, :budget], _zero_padded(v_blocks, real_b)).reshape(b, h, budget * s, d)
-    slot = permuted_slot_real(real_b, False, 0, budget).reshape(b, 1, 1, budget * s)
-    slot = None if bool(slot.all()) else slot
+    slot = permuted_slot_real(real_b, False, 0, budget)
+    slot = None if slot is None else slot.reshape(b, 1, 1, budget * s)
     return F.scaled_dot_product_attention(q, sk, sv, attn_mask=slot)
 
 
