@@ -19,6 +19,9 @@
 #   SMOKE=1 bash benchmarks/cuda.sh               # about 3 minutes: 1k and 4k, a few mechanisms
 #   LENGTHS=1024,4096,16384,65536 TOTAL=900 bash benchmarks/cuda.sh
 #   DEVICE=cpu SMOKE=1 LENGTHS=256,512 bash benchmarks/cuda.sh   # the script's flow, no GPU
+#   COMPILE=reduce-overhead MODELS=... LENGTHS=65536 bash benchmarks/cuda.sh   # compiled layers
+#      (bench --compile: CUDA graphs, no host time per call; each case compiles in its warm-up,
+#      tens of seconds, so name few models and lengths)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench-results}"
@@ -66,6 +69,7 @@ args=(bench --device "$DEVICE" --dtype "$DTYPE" --modes "${MODES:-fwdbwd,causal}
       --lengths "$LENGTHS" --repeats "${REPEATS:-5}" --warmup 2 --timeout "$CASE_TIMEOUT"
       --budget "$BUDGET" --out "$OUT/cuda")
 [ -n "$MODELS" ] && args+=(--models "$MODELS")
+[ -n "${COMPILE:-}" ] && args+=(--compile "$COMPILE")
 # the case in flight when the budget is spent may run CASE_TIMEOUT more; then the reports
 timeout $(( BUDGET + CASE_TIMEOUT + 60 )) "$PY" -m efficient_transformers "${args[@]}" 2>&1 \
   | tee -a "$OUT/bench-cuda.log"

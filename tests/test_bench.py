@@ -294,6 +294,47 @@ def test_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):
     assert main(["bench", "--dim", "30", "--heads", "4", "--out", str(tmp_path)]) == 2
 
 
+def test_compile_mode_times_compiled_layers_and_decodes_eagerly(tmp_path, monkeypatch):
+    """--compile: fwd and fwd+bwd targets go through torch.compile with the mode (here its
+    capture and AOT autograd without code generation, so no C++ compiler is needed), after at
+    least COMPILED_WARMUP warm-up runs; decode stays eager. The report says so."""
+    from efficient_transformers.bench import measure
+    from efficient_transformers.bench.config import COMPILED_WARMUP
+
+    modes, real_compile = [], torch.compile
+
+    def capture_only(layer, mode):
+        modes.append(mode)
+        return real_compile(layer, backend="aot_eager_decomp_partition")
+
+    monkeypatch.setattr(torch, "compile", capture_only)
+    calls = []
+    real_timed = measure._timed
+    monkeypatch.setattr(measure, "_timed", lambda fn, device, warmup, *a, **k: (
+        calls.append(warmup), real_timed(fn, device, warmup, *a, **k))[1])
+    cfg = BenchConfig(models=["linformer"], modes=("fwd", "fwdbwd", "decode"), out=str(tmp_path),
+                      isolate=False, compile="max-autotune", plots=False, **TINY)
+    records = run_bench(cfg)["records"]
+    assert all(r["status"] == "ok" for r in records), [r["status"] for r in records]
+    assert modes == ["max-autotune"] * 4 and calls == [COMPILED_WARMUP] * 4  # fwd, fwdbwd x 2 N
+    assert {r.get("compiled") for r in records if r["mode"] != "decode"} == {"max-autotune"}
+    assert all("compiled" not in r for r in records if r["mode"] == "decode")
+    assert "torch.compile(mode='max-autotune')" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ValueError, match="--compile: expected one of"):
+        run_bench(BenchConfig(models=["linformer"], compile="fastest", **TINY), write=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
+                    reason="Inductor on the CPU needs a C++ compiler")
+def test_compile_mode_with_inductor_on_the_cpu(tmp_path):
+    cfg = BenchConfig(models=["transformer", "performer"], modes=("fwdbwd",), out=str(tmp_path),
+                      compile="default", plots=False, **TINY)
+    records = run_bench(cfg)["records"]
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert {r["compiled"] for r in records} == {"default"}
+
+
 @pytest.mark.gpu
 def test_flex_window_reference_matches_masked_sdpa():
     import torch

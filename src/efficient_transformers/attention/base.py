@@ -38,6 +38,12 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
+def _reread_buffer_ints(module: "Attention", incompatible_keys) -> None:
+    """After load_state_dict: read the cached buffer ints again (eagerly, before any compile)."""
+    for name in list(module._buffer_ints):
+        module.buffer_int(name)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over x (B, N, dim) with a key-padding `mask` (B, N), True = real.
 
@@ -69,6 +75,8 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.max_len: int | None = None  # a mechanism with a fixed maximum length sets it
         self.aux_loss: torch.Tensor | None = None
+        self._buffer_ints: dict[str, tuple] = {}  # buffer_int's cache
+        self.register_load_state_dict_post_hook(_reread_buffer_ints)
 
     # ----------------------------------------------------------------- helpers for subclasses
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -84,9 +92,13 @@ class Attention(nn.Module):
     def buffer_int(self, name: str) -> int:
         """The int held by the one-element buffer `name` (a seed), read from its device only
         when the buffer changed: another tensor (`.to(device)`) or an in-place write
-        (`load_state_dict`). A step on CUDA then never waits for the GPU to read a seed."""
+        (`load_state_dict`). A step on CUDA then never waits for the GPU to read a seed.
+        Inside torch.compile: the value of the last read (the constructor reads it, and so does
+        `load_state_dict`), a constant of the compiled graph."""
+        seen = self._buffer_ints.get(name)
+        if torch.compiler.is_compiling() and seen is not None:
+            return seen[2]
         t = getattr(self, name)
-        seen = self.__dict__.setdefault("_buffer_ints", {}).get(name)
         if seen is None or seen[0] is not t or seen[1] != t._version:
             seen = self._buffer_ints[name] = (t, t._version, int(t))
         return seen[2]

@@ -38,6 +38,7 @@ class BigBirdAttention(Attention):
         self.num_random_blocks = check_positive_int("num_random_blocks", num_random_blocks, minimum=0)
         self.num_global = check_positive_int("num_global", num_global, minimum=0)
         self.register_buffer("random_seed", torch.randint(0, 2**31 - 1, ()))
+        self.buffer_int("random_seed")  # read once here: torch.compile uses this value
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
 

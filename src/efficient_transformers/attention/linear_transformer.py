@@ -100,7 +100,8 @@ class LinearTransformerAttention(KernelAttention):
         return elu_feature_map(q), elu_feature_map(k), None
 
     def attend(self, x, mask):
-        if keeps_bf16(x):  # on CUDA: unfused in bf16 (see the module docstring)
+        if keeps_bf16(x) or torch.compiler.is_compiling():
+            # on CUDA: unfused in bf16 (see the module docstring); torch.compile fuses its own
             return super().attend(x, mask)
         # KernelAttention.attend fused into one autograd node (same values and gradients)
         return projected_elu_linear_attention(x, self.to_qkv.weight, self.to_qkv.bias,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ..functional.eager import outside_graphs
 from ..functional.favor import fused_softmax_feature_map, fused_softmax_key_features
 from ..functional.kernels import orthogonal_gaussian, relu_feature_map
 from ..registry import register
@@ -60,11 +61,17 @@ class PerformerAttention(KernelAttention):
         self.omega.copy_(orthogonal_gaussian(self.features, self.head_dim, device=self.omega.device))
         self.calls_since_redraw = 0
 
-    def attend(self, x, mask):
+    @outside_graphs
+    def count_call(self) -> None:
+        """Redraw every `redraw_interval` training calls. Outside torch.compile: a changing int
+        in the graph would compile the layer again at every call."""
         if self.training and self.redraw_interval:
             if self.calls_since_redraw >= self.redraw_interval:
                 self.redraw()
             self.calls_since_redraw += 1
+
+    def attend(self, x, mask):
+        self.count_call()
         return super().attend(x, mask)
 
     def feature_maps(self, q, k, key_mask):

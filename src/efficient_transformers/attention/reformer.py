@@ -41,6 +41,7 @@ from torch import nn
 
 from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
 from ..functional.dense import naive_attention
+from ..functional.eager import outside_graphs
 from ..functional.lsh import (
     causal_allowed_rounds, lsh_attention, lsh_buckets, random_rotations, sort_by_bucket,
     union_with_self,
@@ -81,6 +82,7 @@ class ReformerAttention(Attention):
         self.to_out = nn.Linear(dim, dim)
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.long)
         self.register_buffer("hash_seed", seed)  # persistent: saved with the weights
+        self.buffer_int("hash_seed")  # read once here: torch.compile uses this value
         self._rotations: dict = {}
 
     # ------------------------------------------------------------------------- hashing
@@ -96,13 +98,17 @@ class ReformerAttention(Attention):
         if self.redraw and self.training:
             return random_rotations(self.heads, self.n_hashes, self.head_dim, n_buckets,
                                     device=device, dtype=dtype)
-        seed = self.buffer_int("hash_seed")
-        key = (seed, n_buckets, str(device), dtype)
+        key = (self.buffer_int("hash_seed"), n_buckets, str(device), dtype)
         if key not in self._rotations:
-            gen = torch.Generator().manual_seed(seed)
-            self._rotations = {key: random_rotations(self.heads, self.n_hashes, self.head_dim,
-                                                     n_buckets, gen, device, dtype)}
+            self.draw_rotations(key)
         return self._rotations[key]
+
+    @outside_graphs  # a torch.Generator cannot be made inside torch.compile
+    def draw_rotations(self, key) -> None:
+        seed, n_buckets, device, dtype = key
+        gen = torch.Generator().manual_seed(seed)
+        self._rotations = {key: random_rotations(self.heads, self.n_hashes, self.head_dim,
+                                                 n_buckets, gen, device, dtype)}
 
     def hash(self, qk: torch.Tensor, n_buckets: int, key_mask=None) -> torch.Tensor:
         """qk (B, H, N, d) -> buckets (B, H, R, N); padded positions get bucket n_buckets."""

@@ -25,7 +25,6 @@ segment_len · (mem_len + segment_len), so O(N · (M + L)) for N tokens (survey:
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +34,17 @@ from torch import nn
 from ..functional.relative import relative_shift, shift_distances, sinusoid_relative
 from ..registry import register
 from .base import Attention, check_positive_int
+
+
+class SegmentContext:
+    """The quantities of one `_process` call, read by the compressive subclass (shapes there)."""
+
+    def __init__(self, **values):
+        self.add(**values)
+
+    def add(self, **values) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -106,8 +116,8 @@ class TransformerXLAttention(Attention):
         # query rows: one partial segment exactly, or whole segments (slots outside x discarded)
         a0, R, wseg = (start - s_first * L, n, start - s_first * L + n) if S == 1 else (0, L, L)
         seg0 = (s_first + torch.arange(S, device=dev)) * L                    # (S,)
-        ctx = SimpleNamespace(z=z, zmask=zmask, p0=p0, start=start, end=end, S=S, R=R, a0=a0,
-                              seg0=seg0, state=state, xmask=xmask)
+        ctx = SegmentContext(z=z, zmask=zmask, p0=p0, start=start, end=end, S=S, R=R, a0=a0,
+                             seg0=seg0, state=state, xmask=xmask)
 
         wq, wk, wv = self.to_qkv.weight.chunk(3, dim=0)
         wkv = torch.cat([wk, wv], 0)
@@ -163,8 +173,8 @@ class TransformerXLAttention(Attention):
         out = out.reshape(b, self.heads, S * R, self.head_dim).transpose(1, 2).reshape(b, S * R, self.dim)
         if S > 1:
             out = out[:, start - s_first * L: start - s_first * L + n]
-        vars(ctx).update(probs=probs, allowed=allowed, zi=zi % zlen, key_in=key_in, n_cm=n_cm,
-                          qvalid=(qpos >= start) & (qpos < end), qi=qi)
+        ctx.add(probs=probs, allowed=allowed, zi=zi % zlen, key_in=key_in, n_cm=n_cm,
+                qvalid=(qpos >= start) & (qpos < end), qi=qi)
 
         keep = min(max(p0, max(0, (end // L) * L - M)), end) - p0            # trim the buffer
         new_state = {"length": end, "mem": z[:, keep:].detach(), "mem_mask": zmask[:, keep:]}

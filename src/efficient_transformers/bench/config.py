@@ -27,6 +27,10 @@ DEFAULT_MODES = ("fwdbwd", "decode")
 DEFAULT_REPEATS = 3
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_DECODE_TOKENS = 8
+# `--compile MODE`: every target of fwd and fwd+bwd cases goes through torch.compile(mode=MODE)
+# (decode stays eager). "reduce-overhead" replays CUDA graphs: no host time per aten call.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILED_WARMUP = 3  # at least: the first call compiles, CUDA graphs are recorded after warm-up
 
 
 @dataclass
@@ -48,6 +52,7 @@ class BenchConfig:
     budget: float | None = None          # seconds for the whole run; later cases are skipped
     threads: int | None = None           # torch threads per case; None: torch's default
     clock: str = "wall"                  # "wall" or "cpu" (process CPU time; CPU device only)
+    compile: str | None = None           # a torch.compile mode (COMPILE_MODES), or None: eager
     isolate: bool = True                 # run cases in worker processes (memory, timeouts)
     plots: bool = True
     progress: bool = True
@@ -77,6 +82,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--dim: expected a multiple of --heads={cfg.heads}, got {cfg.dim}")
     if cfg.clock not in ("wall", "cpu") or (cfg.clock == "cpu" and cfg.device != "cpu"):
         raise ValueError(f"--clock: expected wall, or cpu with --device cpu, got {cfg.clock!r}")
+    if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"--compile: expected one of {list(COMPILE_MODES)}, got {cfg.compile!r}")
     if cfg.timeout <= 0:
         raise ValueError(f"--timeout: expected seconds > 0, got {cfg.timeout}")
     if cfg.device == "cuda":

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .config import DTYPES, length_options
+from .config import COMPILED_WARMUP, DTYPES, length_options
 
 MIB = 2.0 ** 20
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -198,6 +198,11 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(b, n, dim, device=device, dtype=dtype)
     result: dict[str, Any] = {"options": options}
     warmup, repeats = case["warmup"], case["repeats"]
+    if case.get("compile") and mode != "decode":
+        torch._dynamo.reset()  # a worker's earlier cases must not fill the recompile limit
+        layer = compiled(layer, case)
+        warmup = max(warmup, COMPILED_WARMUP)
+        result["compiled"] = case["compile"]
     clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
 
     def start_peak():
@@ -227,6 +232,11 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     result.update(peak_mib=None if peak_bytes is None else peak_bytes / MIB,
                   mem_method=method)
     return result
+
+
+def compiled(layer, case):
+    """`layer` through torch.compile with the case's mode (`--compile`)."""
+    return torch.compile(layer, mode=case["compile"])
 
 
 def training_step(layer, x):
@@ -261,6 +271,8 @@ def _paired(case, peer_layer, x, device, dtype, clock) -> dict[str, Any]:
     ours, _ = build_target(dict(case, kind="ours", target=pair["target"], causal=pair["causal"],
                                 options=pair.get("options") or {}))
     ours = ours.to(device=device, dtype=dtype)
+    if case.get("compile"):
+        ours = compiled(ours, case)
     x_ours = x.detach().clone()
     sides = {"ours": training_step(ours, x_ours), "peer": training_step(peer_layer, x)}
     for _ in range(case["warmup"]):

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .analysis import summarize_status
+from .config import COMPILED_WARMUP
 
 CSV_COLUMNS = ["label", "kind", "target", "mode", "causal", "n", "batch", "dim", "heads", "dtype",
                "device", "status", "time_ms", "host_ms", "peak_mib", "state_bytes", "mem_method",
@@ -105,6 +106,9 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             f"{cfg['heads']} heads, default options of each mechanism (N-tied options from "
             f"`bench/config.py`). Median of {cfg['repeats']} runs after {cfg['warmup']} warm-up"
             + (" (CPU time of the process, all threads)" if cfg.get("clock") == "cpu" else "")
+            + (f"; every layer through `torch.compile(mode={cfg['compile']!r})` for forward and "
+               f"forward + backward (compiling in the warm-up, at least "
+               f"{COMPILED_WARMUP} runs), decode eager" if cfg.get("compile") else "")
             + "; "
             f"per-case limit {cfg['timeout']:g} s; {results['elapsed_s']:g} s in all. "
             "Statuses: " + ", ".join(f"{k} {v}" for k, v in

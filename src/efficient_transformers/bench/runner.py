@@ -65,7 +65,8 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
     cases = []
     base = dict(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, dim=cfg.dim,
                 heads=cfg.heads, repeats=cfg.repeats, warmup=cfg.warmup,
-                decode_tokens=cfg.decode_tokens, threads=cfg.threads, clock=cfg.clock)
+                decode_tokens=cfg.decode_tokens, threads=cfg.threads, clock=cfg.clock,
+                compile=cfg.compile)
     for kind, name in targets:
         decodes = kind == "ours" and et.attention_spec(name).decode
         runs: list[tuple[str, bool]] = []

@@ -29,7 +29,7 @@ def run(args) -> int:
         lengths=_ints(args.lengths), modes=tuple(_names(args.modes)), device=args.device,
         dtype=args.dtype, batch=args.batch, dim=args.dim, heads=args.heads,
         repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
-        clock=args.clock,
+        clock=args.clock, compile=args.compile,
         peers=args.peers, out=args.out, timeout=args.timeout, budget=args.budget,
         threads=args.threads,
         isolate=not args.in_process, plots=not args.no_plots, progress=not args.quiet,
@@ -119,6 +119,10 @@ def add_parser(subparsers) -> None:
                         "all threads (CPU only; with --threads 1 it is robust to other load "
                         "on a shared machine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per case")
+    p.add_argument("--compile", default=None, choices=c.COMPILE_MODES, metavar="MODE",
+                   help="time every layer through torch.compile(mode=MODE) for fwd and fwdbwd "
+                        "(decode stays eager): " + ", ".join(c.COMPILE_MODES) + "; "
+                        "reduce-overhead replays CUDA graphs. Default: eager")
     p.add_argument("--in-process", action="store_true",
                    help="run cases in this process (no timeouts, no CPU memory isolation)")
     p.add_argument("--update-doc", metavar="PATH", default=None,

@@ -187,12 +187,11 @@ class _LinePart:
         given)."""
         view = self.view(t, role)
         shape = (-1, self.size, t.shape[-1])
-        try:
+        if _leading_dims_merge(view, view.dim() - 2):
             return view.view(shape)
-        except RuntimeError:
-            if scratch is None:
-                return view.reshape(shape)
-            return scratch(name, *view.shape).copy_(view).view(shape)
+        if scratch is None:
+            return view.reshape(shape)
+        return scratch(name, *view.shape).copy_(view).view(shape)
 
     def put_(self, dest: torch.Tensor, lines: torch.Tensor, role: str, add: bool = True) -> None:
         """dest (B, N, r) += lines (B·L, s, r) (add False: =), back in position order."""
@@ -284,6 +283,14 @@ class _AxialAttention(torch.autograd.Function):
                                *(t[:, :, h] for t in grads), scratch)
             grads[0][:, :, h].mul_(ctx.scale)
         return tuple(t.transpose(1, 2) for t in grads) + (None, None, None, None)
+
+
+def _leading_dims_merge(t: torch.Tensor, count: int) -> bool:
+    """True where t's first `count` dims flatten into one by a view (no copy): each (size > 1)
+    dim's stride is the next one's stride times its size."""
+    dims = [(t.shape[i], t.stride(i)) for i in range(count) if t.shape[i] != 1]
+    return all(stride == inner_stride * inner_size
+               for (_, stride), (inner_size, inner_stride) in zip(dims, dims[1:]))
 
 
 def _head(h: int, scratch: Scratch, **tensors):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import pad_mask_to_multiple, pad_to_multiple
+from .eager import outside_graphs
 from .patterns import LocalWindow, Pattern, unique_blocks
 
 NEG_INF = float("-inf")
@@ -86,7 +87,16 @@ class LongformerPattern(Pattern):
         return unique_blocks(torch.cat([local, glob], dim=-1), n_blocks)
 
 
-@functools.lru_cache(maxsize=64)
+_BIGBIRD_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the last 64 drawn
+
+
+@outside_graphs  # a torch.Generator cannot be made inside torch.compile
+def _draw_bigbird_tables(key: tuple) -> None:
+    if len(_BIGBIRD_TABLES) >= 64:
+        del _BIGBIRD_TABLES[next(iter(_BIGBIRD_TABLES))]
+    _BIGBIRD_TABLES[key] = _bigbird_tables(*key)
+
+
 def _bigbird_tables(seed: int, n_blocks: int, num_random: int, num_global: int, device: str):
     """(random key blocks (nb, r) long with -1 = none, block adjacency (nb, nb) bool)."""
     gen = torch.Generator().manual_seed(seed)
@@ -118,16 +128,14 @@ class BigBirdPattern(Pattern):
     num_global: int
     seed: int
 
-    def __post_init__(self):
-        object.__setattr__(self, "_tables", {})  # device -> tables; not a field (hash / eq)
-
     def tables(self, device=None):
-        """(random blocks (nb, r), adjacency (nb, nb)) on `device`, drawn from the seed alone."""
-        key = str(torch.device("cpu") if device is None else torch.device(device))
-        if key not in self._tables:
-            self._tables[key] = _bigbird_tables(self.seed, self.n_blocks, self.num_random,
-                                                self.num_global, key)
-        return self._tables[key]
+        """(random blocks (nb, r), adjacency (nb, nb)) on `device`, drawn from the seed alone
+        once (a cache shared by the patterns: under torch.compile a hit is a graph constant)."""
+        device = str(torch.device("cpu") if device is None else torch.device(device))
+        key = (self.seed, self.n_blocks, self.num_random, self.num_global, device)
+        if key not in _BIGBIRD_TABLES:
+            _draw_bigbird_tables(key)
+        return _BIGBIRD_TABLES[key]
 
     def allows(self, i, j):
         _, adjacency = self.tables(i.device)

@@ -89,10 +89,7 @@ def _look_back(t: torch.Tensor) -> torch.Tensor:
 def _windows(rows: torch.Tensor, chunk: int, start: int, width: int) -> torch.Tensor:
     """rows ((M + 1)·c, w), one chunk of padding first -> the (M, 2c, width) view of columns
     [start, start + width) where window m holds chunks m - 1 and m (no copy: windows overlap)."""
-    m = rows.shape[0] // chunk - 1
-    w = rows.stride(0)
-    return rows.as_strided((m, 2 * chunk, width), (chunk * w, w, 1),
-                           rows.storage_offset() + start)
+    return rows[:, start:start + width].unfold(0, 2 * chunk, chunk).transpose(1, 2)
 
 
 class _ChunkWindowAttention(torch.autograd.Function):

@@ -1,0 +1,91 @@
+"""torch.compile: every mechanism compiles, gives eager's values and gradients, and does not
+compile again from step to step.
+
+The "aot_eager_decomp_partition" backend runs what Inductor runs before generating code: Dynamo's
+capture (graph breaks, guards, recompiles), AOT autograd with Inductor's decompositions and its
+forward / backward partition; the graphs then run eagerly, so no C++ compiler is needed. A test
+marked slow compiles with Inductor itself. Two copies of a layer in training mode take the same
+steps, one eager, one compiled: stateful layers (routing's centroids, performer's redraw counter)
+advance alike. The CUDA path's switches are forced.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import efficient_transformers as et
+from efficient_transformers.functional import axial, kernels
+from helpers import DIM, max_abs_diff, random_mask, small_attention
+
+
+def both_modes(names):
+    return [(n, False) for n in names] + [(n, True) for n in names if et.attention_spec(n).decode]
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    monkeypatch.setattr(kernels, "KEEP_BF16", True)
+    monkeypatch.setattr(axial, "FOLD_HEADS", True)
+
+
+def step(attn, x, mask, seed):
+    """One training step's output and gradients (x and every parameter)."""
+    torch.manual_seed(seed)  # the same random draws (noise, redraws) in both copies
+    y = attn(x, mask)
+    loss = y.square().mean() + (attn.aux_loss if attn.aux_loss is not None else 0)
+    params = [x] + [p for p in attn.parameters() if p.requires_grad]
+    return y, torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_compiled_equals_eager(name, causal, backend, tol):
+    eager = small_attention(name, causal=causal).train()
+    if hasattr(eager, "fused_cpu"):
+        eager.fused_cpu = False  # the routing heads' CUDA path
+    compiled = torch.compile(copy.deepcopy(eager), backend=backend)
+    torch._dynamo.reset()
+    n = 24
+    x = torch.randn(2, n, DIM, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, n, torch.Generator().manual_seed(0))
+    for seed, m in enumerate([None] * 3 + [mask] * 3):
+        if seed % 3 == 2:
+            counters.clear()
+        y_e, g_e = step(eager, x, m, seed)
+        y_c, g_c = step(compiled, x, m, seed)
+        assert max_abs_diff(y_c, y_e) < tol
+        for a, b in zip(g_c, g_e):  # None: a parameter the step does not use
+            if a is not None or b is not None:
+                assert max_abs_diff(a if a is not None else 0 * b, b if b is not None else 0 * a) < tol
+        if seed % 3 == 2:  # the third step of an input: nothing compiled again
+            assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("name,causal", both_modes(et.list_attention()))
+def test_compiled_layer_equals_eager_and_compiles_once(name, causal, cuda_path):
+    assert_compiled_equals_eager(name, causal, "aot_eager_decomp_partition", 1e-12)
+
+
+def has_cpp_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_cpp_compiler(), reason="Inductor on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("name,causal", both_modes(et.list_attention()))
+def test_inductor_compiled_layer_equals_eager(name, causal, cuda_path):
+    assert_compiled_equals_eager(name, causal, "inductor", 1e-10)
+
+
+def test_importing_the_package_does_not_load_the_compiler():
+    """torch._dynamo costs about a second to import: `outside_graphs` waits for it."""
+    code = ("import sys, efficient_transformers as et; et.list_attention(); "
+            "et.build_attention('performer', dim=16, heads=2)(__import__('torch').randn(1, 8, 16)); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
