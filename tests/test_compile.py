@@ -75,11 +75,26 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
+def inductor_cases():
+    """Every mechanism; compressive_transformer is an expected failure under torch < 2.14, where
+    Inductor's scheduler fails on its graph ("vr must not be None for symbol q0"; it passes with
+    torch 2.14.1)."""
+    old_torch = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+    bug = pytest.mark.xfail(old_torch, reason="Inductor scheduler assertion in torch < 2.14",
+                            strict=True)
+    return [pytest.param(n, c, marks=bug if n == "compressive_transformer" else ())
+            for n, c in both_modes(et.list_attention())]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not has_cpp_compiler(), reason="Inductor on the CPU needs a C++ compiler")
-@pytest.mark.parametrize("name,causal", both_modes(et.list_attention()))
+@pytest.mark.parametrize("name,causal", inductor_cases())
 def test_inductor_compiled_layer_equals_eager(name, causal, cuda_path):
-    assert_compiled_equals_eager(name, causal, "inductor", 1e-10)
+    import torch._inductor.config as inductor_config
+
+    # torch's RNG, not Inductor's own: the same Gumbel noise (sinkhorn) as eager
+    with inductor_config.patch(fallback_random=True):
+        assert_compiled_equals_eager(name, causal, "inductor", 1e-10)
 
 
 def test_importing_the_package_does_not_load_the_compiler():

@@ -127,8 +127,8 @@ def permuted_slot_real(real_b: torch.Tensor | None, causal: bool, first_row: int
         return (row > 0)[None, :, None].expand(1, rows, block)
     if not causal:
         return real_b.any(dim=1, keepdim=True).expand(-1, rows, -1)
-    seen = torch.cumsum(real_b.to(torch.int32), dim=1) > 0  # (B, nb, s): any real in blocks <= j
-    seen = F.pad(seen, (0, 0, 1, 0), value=False)  # shift: any real in blocks < i
+    real = real_b.to(torch.int32)
+    seen = (torch.cumsum(real, dim=1) - real) > 0  # (B, nb, s): any real in blocks < i
     return seen[:, first_row:first_row + rows]
 
 
