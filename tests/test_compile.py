@@ -21,7 +21,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import efficient_transformers as et
-from efficient_transformers.functional import axial, kernels
+from efficient_transformers.functional import axial, flex, kernels
 from helpers import DIM, max_abs_diff, random_mask, small_attention
 
 
@@ -104,3 +104,30 @@ def test_importing_the_package_does_not_load_the_compiler():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+FLEX_USERS = ["image_transformer", "longformer", "bigbird", "sparse_transformer",
+              "axial_transformer", "memory_compressed"]
+SLOWEST = ("longformer", "axial_transformer")  # 8-17 s each on 2 cores: marked slow
+
+
+@pytest.mark.skipif(not flex.flex_available(), reason="FlexAttention is not importable")
+@pytest.mark.parametrize("name,causal", [
+    pytest.param(n, c, marks=pytest.mark.slow if n in SLOWEST else ())
+    for n, c in both_modes(FLEX_USERS)])
+def test_flexattention_path_inside_torch_compile(name, causal, monkeypatch):
+    """On CUDA these layers call FlexAttention; inside the caller's torch.compile they call it
+    bare (the caller compiles it). Forced on the CPU, forward only (FlexAttention has no CPU
+    backward): the compiled layer equals the eager block path, with and without padding."""
+    attn = small_attention(name, causal=causal, dtype=torch.float32)
+    x = torch.randn(2, 40, DIM)
+    mask = random_mask(2, 40, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        monkeypatch.setattr(flex, "FORCE_FLEX", False)
+        eager = [attn(x), attn(x, mask)]
+        monkeypatch.setattr(flex, "FORCE_FLEX", True)
+        torch._dynamo.reset()
+        compiled = torch.compile(attn, backend="aot_eager")
+        got = [compiled(x), compiled(x, mask)]
+    assert max_abs_diff(got[0], eager[0]) < 1e-5
+    assert max_abs_diff(got[1] * mask[..., None], eager[1] * mask[..., None]) < 1e-5

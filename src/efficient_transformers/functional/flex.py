@@ -22,13 +22,19 @@ BLOCK_SIZE = 128
 MIN_HEAD_DIM = 16  # the CUDA FlexAttention kernel refuses smaller head dimensions ("NYI: E >= 16")
 
 
-@lru_cache(maxsize=None)
+_FLEX_AVAILABLE: list[bool] = []  # filled once (not lru_cache: torch.compile warns on those)
+
+
 def flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _FLEX_AVAILABLE:
+        try:
+            from torch.nn.attention.flex_attention import (  # noqa: F401
+                create_block_mask, flex_attention,
+            )
+            _FLEX_AVAILABLE.append(True)
+        except ImportError:
+            _FLEX_AVAILABLE.append(False)
+    return _FLEX_AVAILABLE[0]
 
 
 def use_flex(q: torch.Tensor, block_sparse: bool = True) -> bool:
@@ -124,4 +130,8 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, block_mask=mask, scale=scale)
+    if torch.compiler.is_compiling():  # inside the caller's torch.compile, which compiles it
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)
     return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
