@@ -10,6 +10,15 @@ def _seed():
 
 
 @pytest.fixture
+def cuda_path(monkeypatch):
+    """The switches that the device picks on CUDA, forced on the CPU (restored afterwards)."""
+    from efficient_transformers.functional import axial, kernels
+
+    monkeypatch.setattr(kernels, "KEEP_BF16", True)
+    monkeypatch.setattr(axial, "FOLD_HEADS", True)
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models train far faster on one thread when the cores are shared."""
     threads = torch.get_num_threads()

@@ -118,3 +118,15 @@ def assert_equals_dense_attention(attn, x, mask, tol=1e-12):
     assert max_abs_diff(attn(x, mask)[mask], dense[mask]) < tol
     dense = attn.to_out(attn.merge_heads(sdpa_attention(q, k, v, causal=attn.causal)))
     assert max_abs_diff(attn(x), dense) < tol
+
+
+def both_modes(names):
+    """(name, causal) pairs: every name, and causal too where the mechanism decodes."""
+    return [(n, False) for n in names] + [(n, True) for n in names if et.attention_spec(n).decode]
+
+
+def has_cpp_compiler() -> bool:
+    """Inductor on the CPU compiles C++."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))

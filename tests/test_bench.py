@@ -17,6 +17,7 @@ from efficient_transformers.bench.measure import classify_error
 from efficient_transformers.bench.runner import build_cases
 from efficient_transformers.bench.worker import CaseRunner
 from efficient_transformers.cli import main
+from helpers import has_cpp_compiler
 
 TINY = dict(lengths=(64, 128), dim=32, heads=2, repeats=1, threads=1, progress=False)
 
@@ -325,8 +326,7 @@ def test_compile_mode_times_compiled_layers_and_decodes_eagerly(tmp_path, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
-                    reason="Inductor on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not has_cpp_compiler(), reason="Inductor on the CPU needs a C++ compiler")
 def test_compile_mode_with_inductor_on_the_cpu(tmp_path):
     cfg = BenchConfig(models=["transformer", "performer"], modes=("fwdbwd",), out=str(tmp_path),
                       compile="default", plots=False, **TINY)

@@ -12,7 +12,6 @@ advance alike. The CUDA path's switches are forced.
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 import sys
 
@@ -21,18 +20,10 @@ import torch
 from torch._dynamo.utils import counters
 
 import efficient_transformers as et
-from efficient_transformers.functional import axial, flex, kernels
-from helpers import DIM, max_abs_diff, random_mask, small_attention
-
-
-def both_modes(names):
-    return [(n, False) for n in names] + [(n, True) for n in names if et.attention_spec(n).decode]
-
-
-@pytest.fixture
-def cuda_path(monkeypatch):
-    monkeypatch.setattr(kernels, "KEEP_BF16", True)
-    monkeypatch.setattr(axial, "FOLD_HEADS", True)
+from efficient_transformers.functional import flex
+from helpers import (
+    DIM, both_modes, has_cpp_compiler, max_abs_diff, random_mask, small_attention,
+)
 
 
 def step(attn, x, mask, seed):
@@ -69,10 +60,6 @@ def assert_compiled_equals_eager(name, causal, backend, tol):
 @pytest.mark.parametrize("name,causal", both_modes(et.list_attention()))
 def test_compiled_layer_equals_eager_and_compiles_once(name, causal, cuda_path):
     assert_compiled_equals_eager(name, causal, "aot_eager_decomp_partition", 1e-12)
-
-
-def has_cpp_compiler() -> bool:
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 def inductor_cases():

@@ -8,17 +8,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import efficient_transformers as et
 from efficient_transformers.zoo import SURVEY_TABLE, avoids_n_by_n
-from helpers import DIM, max_abs_diff, random_mask, small_attention
+from helpers import DIM, both_modes, max_abs_diff, random_mask, small_attention
 
 NAMES = et.list_attention()
 DECODERS = [n for n in NAMES if et.attention_spec(n).decode]
 NON_DECODERS = [n for n in NAMES if not et.attention_spec(n).decode]
 LENGTHS = (1, 5, 37)
 N = 37
-
-
-def both_modes(names):
-    return [(n, False) for n in names] + [(n, True) for n in names if et.attention_spec(n).decode]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,8 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import efficient_transformers as et
-from efficient_transformers.functional import axial, kernels
-from helpers import DIM, random_mask, small_attention
+from helpers import DIM, both_modes, random_mask, small_attention
 
 # ops that return a value the host reads, or a tensor whose shape depends on the data
 HOST_READS = {
@@ -54,17 +53,6 @@ def training_step(attn, x, mask):
     if attn.aux_loss is not None:
         loss = loss + attn.aux_loss
     loss.backward()
-
-
-@pytest.fixture
-def cuda_path(monkeypatch):
-    """The switches that the device picks on CUDA, forced on the CPU."""
-    monkeypatch.setattr(kernels, "KEEP_BF16", True)
-    monkeypatch.setattr(axial, "FOLD_HEADS", True)
-
-
-def both_modes(names):
-    return [(n, False) for n in names] + [(n, True) for n in names if et.attention_spec(n).decode]
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "mask"])

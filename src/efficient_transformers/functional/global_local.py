@@ -20,7 +20,6 @@ Shapes: q, k, v (B, H, N, d); key masks (B, N) bool, True = real token.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
