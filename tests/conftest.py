@@ -10,12 +10,12 @@ def _seed():
 
 
 @pytest.fixture
-def cuda_path(monkeypatch):
+def cuda_path():
     """The switches that the device picks on CUDA, forced on the CPU (restored afterwards)."""
-    from efficient_transformers.functional import axial, kernels
+    from efficient_transformers.functional.paths import cuda_paths
 
-    monkeypatch.setattr(kernels, "KEEP_BF16", True)
-    monkeypatch.setattr(axial, "FOLD_HEADS", True)
+    with cuda_paths():
+        yield
 
 
 @pytest.fixture

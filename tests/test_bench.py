@@ -526,3 +526,40 @@ def test_profile_traffic_mode_writes_an_estimate(tmp_path, capsys):
     assert "performer: N=64 fp32 fwd+bwd estimate" in printed
     assert "linear_chunked_causal: N=64 fp32 fwd+bwd estimate" in printed   # a reference kernel
     assert "elu" in (out / "linear_chunked_causal.txt").read_text()
+
+
+def test_profile_traffic_as_cuda_takes_the_cuda_paths(tmp_path, capsys):
+    """--as-cuda: axial folds its heads as on CUDA, so one step makes far fewer aten calls;
+    the switches are restored afterwards. Refused without --traffic."""
+    from efficient_transformers.bench import profile
+    from efficient_transformers.functional import axial, kernels
+
+    def calls(*extra):
+        out = tmp_path / "t".join(extra or ("cpu",))
+        profile.main(["--traffic", "--models", "axial_transformer", "--length", "64",
+                      "--device", "cpu", "--dtype", "bf16", "--out", str(out), *extra])
+        text = (out / "axial_transformer.txt").read_text()
+        return int(text.split(" aten calls with views")[0].rsplit("\n", 1)[-1])
+
+    head_by_head, folded = calls(), calls("--as-cuda")
+    assert folded < head_by_head / 2
+    assert kernels.KEEP_BF16 is None and axial.FOLD_HEADS is None
+    with pytest.raises(SystemExit):
+        profile.main(["--models", "axial_transformer", "--as-cuda", "--device", "cpu"])
+    assert "--as-cuda: applies to --traffic only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_operator_traffic_prices_the_cpu_flash_kernel_by_its_shapes(causal):
+    """4·B·H·N·M·d flops forward (N queries, M keys), 2.5× that backward, half when causal."""
+    from efficient_transformers.bench.traffic import OperatorTraffic
+
+    q = torch.randn(1, 2, 32, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 32 if causal else 16, 8), torch.randn(1, 2, 32 if causal else 16, 8)
+    counter = OperatorTraffic()
+    with counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+    forward = 4 * 2 * 32 * k.shape[2] * 8 * (0.5 if causal else 1.0)
+    rows = {name.split(".")[0]: row for name, row in counter.rows.items()}
+    assert rows["_scaled_dot_product_flash_attention_for_cpu"][2] == forward
+    assert rows["_scaled_dot_product_flash_attention_for_cpu_backward"][2] == 2.5 * forward

@@ -21,7 +21,9 @@ Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. Every 
 autograd node (`functional.axial.axial_attention`) that runs batched matmuls per axis, merges
 them by log-sum-exp (`functional.merge`) and saves no probabilities; head by head on the CPU,
 all heads at once on CUDA (`functional.axial.folds_heads`: a fifth of the aten calls).
-FlexAttention with the `patterns.Axial` mask stays available (`functional.flex.FORCE_FLEX`), but
+On CUDA, a 2-D grid that N fills exactly and no padding: each part is one or two FlashAttention
+calls over the lines (`functional.grid_flash`), merged by log-sum-exp; no score block is
+written to memory. FlexAttention with the `patterns.Axial` mask stays available (`functional.flex.FORCE_FLEX`), but
 the columns touch every key block, so it skips nothing (`use_flex(q, block_sparse=False)`).
 Decode: a KV cache (columns reach every earlier row).
 """
@@ -30,8 +32,9 @@ from __future__ import annotations
 
 import math
 
-from ..functional.axial import axial_attention, grid_shape
+from ..functional.axial import axial_attention, axial_parts, grid_shape
 from ..functional.flex import flex_pattern_attention, use_flex
+from ..functional.grid_flash import grid_flash_attention, uses_grid_flash
 from ..functional.patterns import Axial
 from ..registry import register
 from .image_transformer import check_shape
@@ -56,7 +59,12 @@ class AxialTransformerAttention(PatternAttention):
         n = q.shape[2]
         if use_flex(q, block_sparse=False):
             return flex_pattern_attention(q, k, v, self.pattern(n), mask)
-        return axial_attention(q, k, v, grid_shape(n, self.shape), self.causal, mask)[0]
+        shape = grid_shape(n, self.shape)
+        if len(shape) == 2 and math.prod(shape) == n and uses_grid_flash(q, mask):
+            parts = [(axis, rule, -1 if previous_row else 0)
+                     for axis, rule, previous_row in axial_parts(shape, self.causal)]
+            return grid_flash_attention(q, k, v, shape, parts)[0]
+        return axial_attention(q, k, v, shape, self.causal, mask)[0]
 
     def decode_step(self, x_new, state):
         if self.shape is None:

@@ -14,9 +14,13 @@ A(2) is column attention over the (N / l, l) view (`functional.axial`), the fixe
 the gathered summary positions (N · c·N/l scores). Merged heads combine the parts by their
 log-sum-exp (`functional.merge`), each key counted once: the column part skips the keys within l
 of the query (|row difference| >= 2), the summary part skips the query's own block.
-FlexAttention with the same pattern stays available (`functional.flex.FORCE_FLEX`), but A(2)
-touches every key block, so it skips nothing (`use_flex(q, block_sparse=False)`). Decode: a KV
-cache (the column needs every earlier row), exact.
+On CUDA without padding, the strided pattern with N a multiple of l runs on the (N / l, l) grid
+as FlashAttention calls (`functional.grid_flash`): A(1) is the query's row (causal: up to the
+query) and the neighbouring rows' halves within l, A(2) the column, merged by log-sum-exp; no
+score block is written to memory. FlexAttention with the same pattern stays available
+(`functional.flex.FORCE_FLEX`), but A(2) touches every key block, so it skips nothing
+(`use_flex(q, block_sparse=False)`). Decode: a KV cache (the column needs every earlier row),
+exact.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from ..functional.axial import strided_column_attention
 from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
 from ..functional.flex import flex_pattern_attention, use_flex
+from ..functional.grid_flash import grid_flash_attention, uses_grid_flash
 from ..functional.merge import attention_with_lse, merge_attention_parts
 from ..functional.patterns import (BlockLocal, Fixed, LocalWindow, Strided,
                                    pattern_attention, pattern_attention_with_lse)
@@ -58,6 +63,22 @@ def summary_attention(q, k, v, stride: int, summary: int, causal: bool, skip_own
         allowed = allowed & (pos <= i)
     allowed = allowed & mask[:, pos][:, None, None, :]                             # (B, 1, N, nb*c)
     return attention_with_lse(q, summaries(k), summaries(v), allowed)
+
+
+def strided_grid_parts(causal: bool, part: str) -> list[tuple[int, str, int]]:
+    """The strided pattern's `part` ("union", "local" or "column") as line parts of the
+    (N / l, l) grid for `grid_flash_attention`: (axis, rule along it, row offset). Local,
+    |i − j| <= l (causal 0 <= i − j <= l): the query's row, the previous row's positions at or
+    after the query's column, and (non-causal) the next row's at or before it. Column: the whole
+    column, or for the union the rows two or more away (the nearer ones are local)."""
+    local = [(1, "causal" if causal else "all", 0), (1, "not_before", -1)]
+    if not causal:
+        local.append((1, "causal", 1))
+    if part == "local":
+        return local
+    if part == "column":
+        return [(0, "causal" if causal else "all", 0)]
+    return local + [(0, "far_before" if causal else "far", 0)]
 
 
 @register("sparse_transformer")
@@ -94,6 +115,8 @@ class SparseTransformerAttention(PatternAttention):
                                                      v[:, g * h:(g + 1) * h], p, mask)
                               for g, p in enumerate(patterns)], dim=1)
         l, causal = self.stride, self.causal
+        if self.pattern == "strided" and q.shape[2] % l == 0 and uses_grid_flash(q, mask):
+            return self.strided_on_grid(q, k, v)
         if self.combine == "merged":
             if self.pattern == "strided":
                 local = pattern_attention_with_lse(q, k, v, LocalWindow(l, causal), l, mask)
@@ -111,6 +134,18 @@ class SparseTransformerAttention(PatternAttention):
             first = pattern_attention(q1, k1, v1, BlockLocal(l, causal), l, mask)
             second = summary_attention(q2, k2, v2, l, self.summary_size, causal, False, mask)[0]
         return torch.cat([first, second], dim=1)
+
+    def strided_on_grid(self, q, k, v):
+        """The strided pattern by `grid_flash_attention`, N a multiple of l, no padding.
+        q, k, v (B, H, N, d) -> (B, H, N, d)"""
+        grid = (q.shape[2] // self.stride, self.stride)
+        if self.combine == "merged":
+            return grid_flash_attention(q, k, v, grid, strided_grid_parts(self.causal, "union"))[0]
+        h = q.shape[1] // 2
+        return torch.cat([grid_flash_attention(q[:, g], k[:, g], v[:, g], grid,
+                                               strided_grid_parts(self.causal, part))[0]
+                          for g, part in ((slice(None, h), "local"), (slice(h, None), "column"))],
+                         dim=1)
 
     def decode_step(self, x_new, state):
         return self.pattern_decode(x_new, state, self.patterns())

@@ -20,6 +20,7 @@ GPU that runs on any device).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -74,16 +75,20 @@ def profile_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
 
 
 def traffic_mechanism(name: str, n: int, device: str, dtype: str, causal: bool = False,
-                      rows: int = 15, dim: int = 512, heads: int = 8) -> tuple[str, float]:
+                      rows: int = 15, dim: int = 512, heads: int = 8,
+                      as_cuda: bool = False) -> tuple[str, float]:
     """(the operator-traffic table of one forward + backward step of `name` at length n, its
-    estimated H100 time in ms): `traffic.OperatorTraffic`, an estimate, not a measurement."""
+    estimated H100 time in ms): `traffic.OperatorTraffic`, an estimate, not a measurement.
+    `as_cuda`: the layer takes the paths it takes on CUDA (`functional.paths.cuda_paths`)."""
+    from ..functional.paths import cuda_paths
     from .traffic import OperatorTraffic
 
-    step, clear, _ = _prepared_step(name, n, device, dtype, causal, 1, dim, heads)
-    clear()
-    counter = OperatorTraffic()
-    with counter:
-        step()
+    with cuda_paths() if as_cuda else contextlib.nullcontext():
+        step, clear, _ = _prepared_step(name, n, device, dtype, causal, 1, dim, heads)
+        clear()
+        counter = OperatorTraffic()
+        with counter:
+            step()
     return counter.table(rows), counter.total_ms()
 
 
@@ -126,11 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--traffic", action="store_true",
                    help="count each operator's bytes and flops over one step instead of timing "
                         "(bench/traffic.py: an estimate for a GPU, on any device)")
+    p.add_argument("--as-cuda", action="store_true",
+                   help="with --traffic: the layers take the paths they take on CUDA "
+                        "(functional/paths.py; FlexAttention excepted)")
     p.add_argument("--budget", type=float, default=60.0,
                    help="seconds after which no new mechanism starts; default %(default)s")
     args = p.parse_args(argv)
     import efficient_transformers as et
 
+    if args.as_cuda and not args.traffic:
+        p.error("--as-cuda: applies to --traffic only (timing on the CPU would mislead)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device: cuda was asked for but torch sees no CUDA device; use --device cpu")
     if args.missed is not None:
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.traffic:
                 table, ms = traffic_mechanism(name, args.length, args.device, args.dtype,
-                                              causal, args.rows)
+                                              causal, args.rows, as_cuda=args.as_cuda)
                 summary = f"{what}: N={args.length} {args.dtype} fwd+bwd estimate {ms:.2f} ms"
             else:
                 table, ms = profile_mechanism(name, args.length, args.device, args.dtype,

@@ -46,10 +46,14 @@ def _moves_nothing(func, inputs, outputs) -> bool:
 
 
 def _cpu_flash_flops(func, args) -> float:
-    """The CPU flash kernel has no flop formula in torch: 4·B·H·N·M·d forward, 2.5× backward."""
-    q, k = args[0], args[1]
+    """The CPU flash kernel has no flop formula in torch: 4·B·H·N·M·d forward, 2.5× backward,
+    half of it causal. Forward args (q, k, v, dropout, is_causal), backward (dO, q, k, v, out,
+    lse, dropout, is_causal)."""
+    backward = "backward" in func.__name__
+    q, k = args[1:3] if backward else args[0:2]
+    causal = args[7] if backward else (len(args) > 4 and args[4])
     forward = 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
-    return forward * (2.5 if "backward" in func.__name__ else 1.0)
+    return forward * (2.5 if backward else 1.0) * (0.5 if causal else 1.0)
 
 
 def _flops(func, args, kwargs, out) -> float:

@@ -1,0 +1,211 @@
+"""Attention over a union of lines of a 2-D grid, one FlashAttention call per piece.
+
+The sequence (B, H, N, d), N = R·C, lies on a grid of R rows of C positions in raster order. A
+*part* is attention along one axis of the grid (axis 1: within the query's row, axis 0: within
+its column) with a rule along that axis (`axial.axis_relation`'s names, plus "not_before",
+key >= query) and, along rows, an offset: query row r against key row r + offset. The parts of
+`axial.axial_parts` are such parts (the previous row: axis 1, offset −1), and so is the Sparse
+Transformer's strided pattern on the (N / l, l) grid.
+
+Each rule is one or two *pieces*, each a FlashAttention call on square problems (n × n for lines
+of n positions, batched over the lines): all keys; causal after slicing `gap` positions off
+(key <= query − gap: q[gap:] against k[:n − gap]); or the same on the reversed axis (key >=
+query + gap). One softmax over the union: the pieces' (out, lse) merge by log-sum-exp. Backward:
+the gradient of softmax attention over a union, restricted to one piece's keys, is what that
+piece's FlashAttention backward computes when it is handed the union's output and lse in place
+of its own (it recomputes P = exp(s − lse) and uses D = rowsum(dO ∘ O)), so the pieces'
+gradients add up. Saved: q, k, v, out, lse; nothing (lines, n, n) is kept, and on CUDA nothing
+of that size is written either (on the CPU the flash kernel works in tiles as well).
+
+`uses_grid_flash(q)` says where callers take it: on CUDA, where FlashAttention runs (bf16 /
+fp16, head dim a multiple of 8 up to 256) and the explicit line path writes every (n × n) score
+block several times over (axial and the strided Sparse Transformer at 64k bf16: 45 and 71 GiB
+read + written per forward + backward by `bench/traffic.py`'s count). Not on the CPU, where
+its flash kernel is no faster on such short lines than the explicit path (2 threads, N = 4k and
+16k); `GRID_FLASH` forces it there (tests, the traffic estimate). No key mask: callers with
+padding keep their masked path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .merge import stat_dtype
+
+# rule along the axis -> pieces (direction, gap): "before" keeps key <= query − gap,
+# "after" key >= query + gap, "all" every key
+RULE_PIECES = {
+    "all": (("all", 0),),
+    "causal": (("before", 0),),
+    "before": (("before", 1),),
+    "far_before": (("before", 2),),
+    "not_before": (("after", 0),),
+    "other": (("before", 1), ("after", 1)),
+    "far": (("before", 2), ("after", 2)),
+}
+
+
+@dataclass(frozen=True)
+class Piece:
+    axis: int        # 1: within rows, 0: within columns
+    offset: int      # key line = query line + offset
+    direction: str   # "all", "before" or "after"
+    gap: int
+
+
+def grid_pieces(parts) -> list[Piece]:
+    """[(axis, rule, offset), ...] -> the FlashAttention pieces that cover them."""
+    return [Piece(axis, offset, direction, gap)
+            for axis, rule, offset in parts for direction, gap in RULE_PIECES[rule]]
+
+
+GRID_FLASH: bool | None = None  # None: automatic (`uses_grid_flash`); True / False: forced
+
+
+def grid_flash_available(q: torch.Tensor) -> bool:
+    """True where `grid_flash_attention` can run for q (B, H, N, d): the CPU flash kernel takes
+    every float dtype; CUDA's FlashAttention bf16 / fp16 with d a multiple of 8, at most 256."""
+    if not q.is_floating_point():
+        return False
+    if q.device.type == "cpu":
+        return True
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
+            and torch.backends.cuda.is_flash_attention_available())
+
+
+def uses_grid_flash(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
+    """True where a caller should take `grid_flash_attention` for q (B, H, N, d): no key mask,
+    the kernel available, and on CUDA (or `GRID_FLASH` forced on)."""
+    wanted = q.is_cuda if GRID_FLASH is None else GRID_FLASH
+    return wanted and key_mask is None and grid_flash_available(q)
+
+
+def _region(t: torch.Tensor, grid, piece: Piece, role: str) -> torch.Tensor:
+    """t (B, H, N, e) -> the positions of the piece's query ("q") or key ("k") lines as a view
+    (B·H, lines, n, e), in grid order: rows paired by the offset, the gap sliced off the end
+    that the direction leaves without keys (queries) or without queries (keys)."""
+    b, h, _, e = t.shape
+    t = t.view(b * h, *grid, e)
+    if piece.axis == 0:
+        t = t.transpose(1, 2)
+    lines, n, gap = t.shape[1], t.shape[2], piece.gap
+    early, late = max(-piece.offset, 0), max(piece.offset, 0)
+    t = t[:, early:lines - late] if role == "q" else t[:, late:lines - early]
+    first = (role == "q") == (piece.direction == "before")   # keep the last n − gap positions
+    return t[:, :, gap:] if first else t[:, :, :n - gap]
+
+
+def _lines(t: torch.Tensor, grid, piece: Piece, role: str) -> torch.Tensor:
+    """The piece's lines as its kernel call takes them: `_region`, reversed along the lines for
+    "after" (then key >= query + gap reads key <= query − gap). A view unless reversed: the
+    kernels take strided lines."""
+    t = _region(t, grid, piece, role)
+    return t.flip(2) if piece.direction == "after" else t
+
+
+def _in_grid_order(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """A kernel result (B·H, lines, n, ·) back in `_region`'s order."""
+    return t.flip(2) if piece.direction == "after" else t
+
+
+def _flash_forward(q, k, v, causal: bool, scale: float):
+    """-> (out, lse, what the CUDA backward needs)"""
+    if q.is_cuda:
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                                scale=scale)
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
+                                                                         scale=scale)
+    return out, lse, None
+
+
+def _flash_backward(d_out, q, k, v, out, lse, causal: bool, scale: float, aux):
+    if q.is_cuda:
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            d_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset,
+            scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        d_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+def _ordered(pieces, grid):
+    """The pieces with at least one line and one position, those that cover every position
+    first (no offset, no gap: the merge and the gradients start from them without a pass)."""
+    live = [p for p in pieces
+            if grid[p.axis] - p.gap > 0 and grid[1 - p.axis] - abs(p.offset) > 0]
+    return sorted(live, key=lambda p: p.offset != 0 or p.gap != 0)
+
+
+def _covers_all(piece: Piece) -> bool:
+    return piece.offset == 0 and piece.gap == 0
+
+
+class _GridFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, grid, pieces, scale):
+        stat = stat_dtype(q.dtype)
+        start = torch.empty if _covers_all(pieces[0]) else torch.zeros
+        out = start(q.shape, dtype=stat, device=q.device)                        # (B, H, N, d)
+        lse = start(q.shape[:3], dtype=stat, device=q.device).fill_(float("-inf"))  # (B, H, N)
+        auxes = []
+        for index, piece in enumerate(pieces):
+            part, part_lse, aux = _flash_forward(
+                _lines(q, grid, piece, "q"), _lines(k, grid, piece, "k"),
+                _lines(v, grid, piece, "k"), piece.direction != "all", scale)
+            auxes.append(aux)
+            acc, acc_lse = _region(out, grid, piece, "q"), _region(lse[..., None], grid, piece, "q")
+            part, part_lse = _in_grid_order(part, piece), _in_grid_order(part_lse[..., None], piece)
+            if index == 0 and _covers_all(piece):
+                acc.copy_(part)
+                acc_lse.copy_(part_lse)
+                continue
+            # online log-sum-exp merge on the piece's queries; each of them has a key here
+            total = torch.logaddexp(acc_lse, part_lse)
+            acc.mul_(torch.exp(acc_lse - total)).addcmul_(part, torch.exp(part_lse - total))
+            acc_lse.copy_(total)
+        out = out.to(q.dtype)
+        ctx.grid, ctx.pieces, ctx.scale, ctx.auxes = grid, pieces, scale, auxes
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, _d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grid, pieces = ctx.grid, ctx.pieces
+        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+        # the pieces' gradients add up in the input's dtype, as autograd adds a tensor's uses
+        start = torch.empty if _covers_all(pieces[0]) else torch.zeros
+        grads = [start(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        for index, (piece, aux) in enumerate(zip(pieces, ctx.auxes)):
+            piece_grads = _flash_backward(
+                _lines(d_out, grid, piece, "q"), _lines(q, grid, piece, "q"),
+                _lines(k, grid, piece, "k"), _lines(v, grid, piece, "k"),
+                _lines(out, grid, piece, "q"),
+                _lines(lse[..., None], grid, piece, "q")[..., 0].contiguous(),  # FA2 reads it dense
+                piece.direction != "all", ctx.scale, aux)
+            for total, g, role in zip(grads, piece_grads, ("q", "k", "k")):
+                region = _region(total, grid, piece, role)
+                g = _in_grid_order(g, piece)
+                region.copy_(g) if index == 0 and _covers_all(piece) else region.add_(g)
+        return (*grads, None, None, None)
+
+
+def grid_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, parts,
+                         scale: float | None = None):
+    """One softmax over the union of `parts` [(axis, rule, offset), ...] on the (R, C) grid,
+    R·C = N, the parts disjoint. q, k, v (B, H, N, d) -> out (B, H, N, d), lse (B, H, N); only
+    out is differentiable. Queries without keys: out 0, lse −inf."""
+    if math.prod(grid) != q.shape[2] or len(grid) != 2:
+        raise ValueError(f"grid: expected (rows, columns) covering N={q.shape[2]}, got {grid}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    pieces = _ordered(grid_pieces(parts), grid)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _GridFlash.apply(q, k, v, tuple(grid), pieces, scale)

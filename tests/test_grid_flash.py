@@ -1,0 +1,151 @@
+"""`functional.grid_flash`: a union of grid lines as FlashAttention calls, against a dense oracle
+(float64, values and gradients), and the layers that take it (axial, strided Sparse
+Transformer) against their explicit line path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from efficient_transformers.attention.sparse_transformer import strided_grid_parts
+from efficient_transformers.functional import grid_flash
+from efficient_transformers.functional.axial import axial_parts, axis_relation
+from efficient_transformers.functional.grid_flash import (grid_flash_attention, grid_pieces,
+                                                          uses_grid_flash)
+from helpers import max_abs_diff, small_attention
+
+
+def relation(size: int, rule: str) -> torch.Tensor:
+    if rule == "not_before":
+        return torch.arange(size)[None, :] >= torch.arange(size)[:, None]
+    return axis_relation(size, rule)
+
+
+def union_mask(grid, parts) -> torch.Tensor:
+    """(N, N) bool: the keys of the union of parts [(axis, rule, row offset)], checked disjoint."""
+    rows, cols = grid
+    i = torch.arange(rows * cols)
+    r, c = i // cols, i % cols
+    allowed = torch.zeros(len(i), len(i), dtype=torch.bool)
+    for axis, rule, offset in parts:
+        if axis == 1:
+            part = (r[None, :] == r[:, None] + offset) & relation(cols, rule)[c[:, None], c[None, :]]
+        else:
+            part = (c[None, :] == c[:, None]) & relation(rows, rule)[r[:, None], r[None, :]]
+        assert not (allowed & part).any(), "parts overlap"
+        allowed |= part
+    return allowed
+
+
+def dense(q, k, v, allowed):
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ v, lse
+
+
+def axial_grid_parts(grid, causal):
+    return [(axis, rule, -1 if previous else 0) for axis, rule, previous in axial_parts(grid, causal)]
+
+
+PART_SETS = [("axial", False), ("axial", True), ("union", False), ("union", True),
+             ("local", False), ("local", True), ("column", False), ("column", True)]
+
+
+@pytest.mark.parametrize("grid", [(5, 8), (6, 6), (2, 3), (1, 7), (9, 1)])
+@pytest.mark.parametrize("kind,causal", PART_SETS)
+def test_grid_flash_equals_dense_oracle_with_gradients(grid, kind, causal):
+    parts = (axial_grid_parts(grid, causal) if kind == "axial"
+             else strided_grid_parts(causal, kind))
+    allowed = union_mask(grid, parts)
+    q, k, v = (torch.randn(2, 3, math.prod(grid), 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out, lse = grid_flash_attention(q, k, v, grid, parts)
+    want, want_lse = dense(q, k, v, allowed)
+    assert max_abs_diff(out, want) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert max_abs_diff(lse[finite], want_lse[finite]) < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    expected = torch.autograd.grad((want * g).sum(), (q, k, v))
+    for a, b in zip(got, expected):
+        assert max_abs_diff(a, b) < 1e-12
+
+
+def test_rules_become_one_or_two_pieces():
+    pieces = grid_pieces([(1, "all", 0), (0, "far", 0), (1, "not_before", -1)])
+    assert [(p.axis, p.offset, p.direction, p.gap) for p in pieces] == [
+        (1, 0, "all", 0), (0, 0, "before", 2), (0, 0, "after", 2), (1, -1, "after", 0)]
+
+
+def test_bf16_is_close_to_float64():
+    grid = (16, 16)
+    parts = strided_grid_parts(False, "union")
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.float64) for _ in range(3))
+    out, _ = grid_flash_attention(*(t.bfloat16() for t in (q, k, v)), grid, parts)
+    want, _ = dense(q, k, v, union_mask(grid, parts))
+    assert out.dtype == torch.bfloat16
+    assert max_abs_diff(out.double(), want) < 2e-2 * want.abs().max().item()
+
+
+def test_refuses_a_grid_that_does_not_cover_n():
+    q = torch.randn(1, 1, 10, 4)
+    with pytest.raises(ValueError, match="grid: expected"):
+        grid_flash_attention(q, q, q, (3, 3), [(1, "all", 0)])
+
+
+def test_taken_on_cuda_only_unless_forced_and_never_with_a_mask(monkeypatch):
+    q = torch.randn(1, 2, 16, 8)
+    assert not uses_grid_flash(q)
+    monkeypatch.setattr(grid_flash, "GRID_FLASH", True)
+    assert uses_grid_flash(q)
+    assert not uses_grid_flash(q, torch.ones(1, 16, dtype=torch.bool))
+
+
+LAYERS = [("axial_transformer", {"shape": (4, 6)}), ("sparse_transformer", {}),
+          ("sparse_transformer", {"combine": "split"})]
+
+
+@pytest.mark.parametrize("name,options", LAYERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_on_grid_flash_equals_its_line_path(name, options, causal, monkeypatch):
+    """The layer with GRID_FLASH forced equals the same layer on its explicit line path."""
+    layer = small_attention(name, causal=causal, dtype=torch.float64, **options)
+    x = torch.randn(2, 24, layer.dim, dtype=torch.float64, requires_grad=True)
+    lines = []
+    original = grid_flash._lines
+    monkeypatch.setattr(grid_flash, "_lines", lambda *a: lines.append(1) or original(*a))
+    results = []
+    for forced in (False, True):
+        monkeypatch.setattr(grid_flash, "GRID_FLASH", forced)
+        lines.clear()
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))))
+        assert bool(lines) == forced      # the path taken is the one asked for
+    for a, b in zip(*results):
+        assert max_abs_diff(a, b) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind,causal", PART_SETS)
+def test_cuda_flash_kernels_match_the_oracle(kind, causal):
+    """The CUDA FlashAttention forward and backward, called with the union's out and lse."""
+    grid = (32, 64)
+    parts = (axial_grid_parts(grid, causal) if kind == "axial"
+             else strided_grid_parts(causal, kind))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, math.prod(grid), 64, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    qc, kc, vc = (t.cuda().bfloat16().requires_grad_() for t in (q, k, v))
+    out, _ = grid_flash_attention(qc, kc, vc, grid, parts)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out * g.cuda().bfloat16()).sum(), (qc, kc, vc))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    want, _ = dense(q, k, v, union_mask(grid, parts))
+    expected = torch.autograd.grad((want * g).sum(), (q, k, v))
+    assert max_abs_diff(out.double().cpu(), want) < 2e-2 * want.abs().max().item()
+    for a, b in zip(got, expected):
+        assert max_abs_diff(a.double().cpu(), b) < 3e-2 * b.abs().max().item()
