@@ -21,9 +21,11 @@ of that size is written either (on the CPU the flash kernel works in tiles as we
 fp16, head dim a multiple of 8 up to 256) and the explicit line path writes every (n × n) score
 block several times over (axial and the strided Sparse Transformer at 64k bf16: 45 and 71 GiB
 read + written per forward + backward by `bench/traffic.py`'s count). Not on the CPU, where
-its flash kernel is no faster on such short lines than the explicit path (2 threads, N = 4k and
-16k); `GRID_FLASH` forces it there (tests, the traffic estimate). No key mask: callers with
-padding keep their masked path.
+its flash kernel is not reliably faster on such short lines than the explicit path (2 threads,
+fp32, N = 4k and 16k, forward + backward of the attention alone: 0.7–1.2× its time for the
+sparse pattern, 0.8–1.6× for axial); `GRID_FLASH` forces it there (tests, the traffic
+estimate). No key mask: callers with padding keep their masked path. Gradients of the pieces
+add up in the input's dtype, as autograd adds up a tensor's uses.
 """
 
 from __future__ import annotations
@@ -93,8 +95,11 @@ def _region(t: torch.Tensor, grid, piece: Piece, role: str) -> torch.Tensor:
     if piece.axis == 0:
         t = t.transpose(1, 2)
     lines, n, gap = t.shape[1], t.shape[2], piece.gap
-    early, late = max(-piece.offset, 0), max(piece.offset, 0)
-    t = t[:, early:lines - late] if role == "q" else t[:, late:lines - early]
+    if piece.offset:   # (slices only where they cut: each call is host time on a GPU)
+        early, late = max(-piece.offset, 0), max(piece.offset, 0)
+        t = t[:, early:lines - late] if role == "q" else t[:, late:lines - early]
+    if not gap:
+        return t
     first = (role == "q") == (piece.direction == "before")   # keep the last n − gap positions
     return t[:, :, gap:] if first else t[:, :, :n - gap]
 
@@ -194,7 +199,10 @@ class _GridFlash(torch.autograd.Function):
             for total, g, role in zip(grads, piece_grads, ("q", "k", "k")):
                 region = _region(total, grid, piece, role)
                 g = _in_grid_order(g, piece)
-                region.copy_(g) if index == 0 and _covers_all(piece) else region.add_(g)
+                if index == 0 and _covers_all(piece):
+                    region.copy_(g)
+                else:
+                    region.add_(g)
         return (*grads, None, None, None)
 
 
