@@ -23,8 +23,9 @@ them by log-sum-exp (`functional.merge`) and saves no probabilities; head by hea
 all heads at once on CUDA (`functional.axial.folds_heads`: a fifth of the aten calls).
 On CUDA, a 2-D grid that N fills exactly and no padding: each part is one or two FlashAttention
 calls over the lines (`functional.grid_flash`), merged by log-sum-exp; no score block is
-written to memory. FlexAttention with the `patterns.Axial` mask stays available (`functional.flex.FORCE_FLEX`), but
-the columns touch every key block, so it skips nothing (`use_flex(q, block_sparse=False)`).
+written to memory. FlexAttention with the `patterns.Axial` mask stays available
+(`functional.flex.FORCE_FLEX`), but the columns touch every key block, so it skips nothing
+(`use_flex(q, block_sparse=False)`).
 Decode: a KV cache (columns reach every earlier row).
 """
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .merge import stat_dtype
+from .merge import merge_into_, stat_dtype
 
 # rule along the axis -> pieces (direction, gap): "before" keeps key <= query − gap,
 # "after" key >= query + gap, "all" every key
@@ -170,10 +170,7 @@ class _GridFlash(torch.autograd.Function):
                 acc.copy_(part)
                 acc_lse.copy_(part_lse)
                 continue
-            # online log-sum-exp merge on the piece's queries; each of them has a key here
-            total = torch.logaddexp(acc_lse, part_lse)
-            acc.mul_(torch.exp(acc_lse - total)).addcmul_(part, torch.exp(part_lse - total))
-            acc_lse.copy_(total)
+            merge_into_(acc, acc_lse, part, part_lse)   # each query of the piece has a key here
         out = out.to(q.dtype)
         ctx.grid, ctx.pieces, ctx.scale, ctx.auxes = grid, pieces, scale, auxes
         ctx.save_for_backward(q, k, v, out, lse)

@@ -137,3 +137,14 @@ def merge_attention_parts(parts):
     lse = torch.where(total > 0, torch.log(total.clamp_min(tiny)) + top,
                       torch.full_like(total, float("-inf")))
     return out.to(parts[0][0].dtype), lse
+
+
+def merge_into_(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,
+                part_lse: torch.Tensor) -> None:
+    """In place, no autograd: (out, lse) becomes the union of itself and (part, part_lse), over
+    disjoint key sets; the online form of `merge_attention_parts`. out (..., d) in a stat
+    dtype, part (..., d) in any float dtype, lse and part_lse (..., 1). lse may be −inf (no
+    key yet); part_lse must be finite (every query of the part has a key)."""
+    total = torch.logaddexp(lse, part_lse)
+    out.mul_(torch.exp(lse - total)).addcmul_(part, torch.exp(part_lse - total))
+    lse.copy_(total)
