@@ -149,3 +149,29 @@ def test_cuda_flash_kernels_match_the_oracle(kind, causal):
     assert max_abs_diff(out.double().cpu(), want) < 2e-2 * want.abs().max().item()
     for a, b in zip(got, expected):
         assert max_abs_diff(a.double().cpu(), b) < 3e-2 * b.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,options", LAYERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_layer_takes_grid_flash_and_matches_its_line_path(name, options, causal, monkeypatch):
+    """On CUDA bf16 (head dim 64) the layer takes grid_flash by itself; forced off, its explicit
+    line path gives the same values and input gradients to bf16's precision."""
+    layer = small_attention(name, causal=causal, dtype=torch.bfloat16, dim=128, heads=2,
+                            **options).cuda()
+    x = torch.randn(2, 24, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert uses_grid_flash(x.view(2, 24, 2, 64).transpose(1, 2))
+    lines = []
+    original = grid_flash._lines
+    monkeypatch.setattr(grid_flash, "_lines", lambda *a: lines.append(1) or original(*a))
+    results = []
+    for forced in (None, False):
+        monkeypatch.setattr(grid_flash, "GRID_FLASH", forced)
+        lines.clear()
+        y = layer(x)
+        results.append((y.float(), torch.autograd.grad(y.float().square().sum(), x)[0].float()))
+        assert bool(lines) == (forced is None)
+    (y1, g1), (y2, g2) = results
+    assert max_abs_diff(y1, y2) < 3e-2 * y2.abs().max().item()
+    assert max_abs_diff(g1, g2) < 3e-2 * g2.abs().max().item()

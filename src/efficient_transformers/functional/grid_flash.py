@@ -69,14 +69,16 @@ GRID_FLASH: bool | None = None  # None: automatic (`uses_grid_flash`); True / Fa
 
 def grid_flash_available(q: torch.Tensor) -> bool:
     """True where `grid_flash_attention` can run for q (B, H, N, d): the CPU flash kernel takes
-    every float dtype; CUDA's FlashAttention bf16 / fp16 with d a multiple of 8, at most 256."""
+    every float dtype; CUDA's FlashAttention bf16 / fp16 with d a multiple of 8, at most 256,
+    on an Ampere or newer GPU (compute capability 8.0)."""
     if not q.is_floating_point():
         return False
     if q.device.type == "cpu":
         return True
     d = q.shape[-1]
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
-            and torch.backends.cuda.is_flash_attention_available())
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def uses_grid_flash(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
