@@ -88,16 +88,21 @@ def uses_grid_flash(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> bo
     return wanted and key_mask is None and grid_flash_available(q)
 
 
-def _region(t: torch.Tensor, grid, piece: Piece, role: str) -> torch.Tensor:
-    """t (B, H, N, e) -> the positions of the piece's query ("q") or key ("k") lines as a view
-    (B·H, lines, n, e), in grid order: rows paired by the offset, the gap sliced off the end
+def _axes(t: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (B, H, N, e) -> its lines along each axis, views: (B·H, C, R, e) the columns (axis 0),
+    (B·H, R, C, e) the rows (axis 1). Taken once per tensor, not per piece: every call is host
+    time on a GPU."""
+    rows = t.view(-1, *grid, t.shape[-1])
+    return rows.transpose(1, 2), rows
+
+
+def _region(axes, piece: Piece, role: str) -> torch.Tensor:
+    """A tensor's `_axes` -> the positions of the piece's query ("q") or key ("k") lines as a
+    view (B·H, lines, n, e), in grid order: rows paired by the offset, the gap sliced off the end
     that the direction leaves without keys (queries) or without queries (keys)."""
-    b, h, _, e = t.shape
-    t = t.view(b * h, *grid, e)
-    if piece.axis == 0:
-        t = t.transpose(1, 2)
+    t = axes[piece.axis]
     lines, n, gap = t.shape[1], t.shape[2], piece.gap
-    if piece.offset:   # (slices only where they cut: each call is host time on a GPU)
+    if piece.offset:   # (slices only where they cut)
         early, late = max(-piece.offset, 0), max(piece.offset, 0)
         t = t[:, early:lines - late] if role == "q" else t[:, late:lines - early]
     if not gap:
@@ -106,11 +111,11 @@ def _region(t: torch.Tensor, grid, piece: Piece, role: str) -> torch.Tensor:
     return t[:, :, gap:] if first else t[:, :, :n - gap]
 
 
-def _lines(t: torch.Tensor, grid, piece: Piece, role: str) -> torch.Tensor:
+def _lines(axes, piece: Piece, role: str) -> torch.Tensor:
     """The piece's lines as its kernel call takes them: `_region`, reversed along the lines for
     "after" (then key >= query + gap reads key <= query − gap). A view unless reversed: the
     kernels take strided lines."""
-    t = _region(t, grid, piece, role)
+    t = _region(axes, piece, role)
     return t.flip(2) if piece.direction == "after" else t
 
 
@@ -160,13 +165,15 @@ class _GridFlash(torch.autograd.Function):
         start = torch.empty if _covers_all(pieces[0]) else torch.zeros
         out = start(q.shape, dtype=stat, device=q.device)                        # (B, H, N, d)
         lse = start(q.shape[:3], dtype=stat, device=q.device).fill_(float("-inf"))  # (B, H, N)
+        q_axes, k_axes, v_axes = (_axes(t, grid) for t in (q, k, v))
+        out_axes, lse_axes = _axes(out, grid), _axes(lse[..., None], grid)
         auxes = []
         for index, piece in enumerate(pieces):
             part, part_lse, aux = _flash_forward(
-                _lines(q, grid, piece, "q"), _lines(k, grid, piece, "k"),
-                _lines(v, grid, piece, "k"), piece.direction != "all", scale)
+                _lines(q_axes, piece, "q"), _lines(k_axes, piece, "k"),
+                _lines(v_axes, piece, "k"), piece.direction != "all", scale)
             auxes.append(aux)
-            acc, acc_lse = _region(out, grid, piece, "q"), _region(lse[..., None], grid, piece, "q")
+            acc, acc_lse = _region(out_axes, piece, "q"), _region(lse_axes, piece, "q")
             part, part_lse = _in_grid_order(part, piece), _in_grid_order(part_lse[..., None], piece)
             if index == 0 and _covers_all(piece):
                 acc.copy_(part)
@@ -188,16 +195,16 @@ class _GridFlash(torch.autograd.Function):
         # the pieces' gradients add up in the input's dtype, as autograd adds a tensor's uses
         start = torch.empty if _covers_all(pieces[0]) else torch.zeros
         grads = [start(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        inputs = [_axes(t, grid) for t in (d_out, q, k, v, out, lse[..., None])]
+        grad_axes = [_axes(t, grid) for t in grads]
         for index, (piece, aux) in enumerate(zip(pieces, ctx.auxes)):
-            piece_grads = _flash_backward(
-                _lines(d_out, grid, piece, "q"), _lines(q, grid, piece, "q"),
-                _lines(k, grid, piece, "k"), _lines(v, grid, piece, "k"),
-                _lines(out, grid, piece, "q"),
-                _lines(lse[..., None], grid, piece, "q")[..., 0].contiguous(),  # FA2 reads it dense
-                piece.direction != "all", ctx.scale, aux)
-            for total, g, role in zip(grads, piece_grads, ("q", "k", "k")):
-                region = _region(total, grid, piece, role)
-                g = _in_grid_order(g, piece)
+            d_out_l, q_l, k_l, v_l, out_l, lse_l = (
+                _lines(axes, piece, role) for axes, role in zip(inputs, "qqkkqq"))
+            piece_grads = _flash_backward(d_out_l, q_l, k_l, v_l, out_l,
+                                          lse_l[..., 0].contiguous(),   # FA2 reads it dense
+                                          piece.direction != "all", ctx.scale, aux)
+            for axes, g, role in zip(grad_axes, piece_grads, "qkk"):
+                region, g = _region(axes, piece, role), _in_grid_order(g, piece)
                 if index == 0 and _covers_all(piece):
                     region.copy_(g)
                 else:
