@@ -77,8 +77,20 @@ def grid_flash_available(q: torch.Tensor) -> bool:
         return True
     d = q.shape[-1]
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
-            and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and _cuda_flash(q.device))
+
+
+_CUDA_FLASH: dict[int, bool] = {}  # device index -> FlashAttention runs there (asked once)
+
+
+def _cuda_flash(device: torch.device) -> bool:
+    """FlashAttention built in and the GPU Ampere or newer; asked once per device, so that a
+    compiled caller reads a constant instead of calling into the driver."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _CUDA_FLASH:
+        _CUDA_FLASH[index] = (torch.backends.cuda.is_flash_attention_available()
+                              and torch.cuda.get_device_capability(index) >= (8, 0))
+    return _CUDA_FLASH[index]
 
 
 def uses_grid_flash(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
