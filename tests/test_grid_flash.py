@@ -175,3 +175,21 @@ def test_cuda_layer_takes_grid_flash_and_matches_its_line_path(name, options, ca
     (y1, g1), (y2, g2) = results
     assert max_abs_diff(y1, y2) < 3e-2 * y2.abs().max().item()
     assert max_abs_diff(g1, g2) < 3e-2 * g2.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,options", LAYERS[:2])
+def test_cuda_grid_flash_inside_torch_compile(name, options):
+    """Inductor on CUDA compiles the layers with their FlashAttention pieces: the compiled
+    layer's values and input gradients are eager's, to bf16's precision."""
+    layer = small_attention(name, dtype=torch.bfloat16, dim=128, heads=2, **options).cuda()
+    compiled = torch.compile(layer)
+    x = torch.randn(2, 24, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for run in (layer, compiled, compiled):
+        y = run(x)
+        results.append((y.float(), torch.autograd.grad(y.float().square().sum(), x)[0].float()))
+    for y, g in results[1:]:
+        assert max_abs_diff(y, results[0][0]) < 3e-2 * results[0][0].abs().max().item()
+        assert max_abs_diff(g, results[0][1]) < 3e-2 * results[0][1].abs().max().item()
