@@ -114,18 +114,26 @@ def test_layer_on_grid_flash_equals_its_line_path(name, options, causal, monkeyp
     """The layer with GRID_FLASH forced equals the same layer on its explicit line path."""
     layer = small_attention(name, causal=causal, dtype=torch.float64, **options)
     x = torch.randn(2, 24, layer.dim, dtype=torch.float64, requires_grad=True)
-    lines = []
-    original = grid_flash._lines
-    monkeypatch.setattr(grid_flash, "_lines", lambda *a: lines.append(1) or original(*a))
-    results = []
-    for forced in (False, True):
-        monkeypatch.setattr(grid_flash, "GRID_FLASH", forced)
-        lines.clear()
-        y = layer(x)
-        results.append((y, *torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))))
-        assert bool(lines) == forced      # the path taken is the one asked for
-    for a, b in zip(*results):
+    (line_path, took_flash), (on_grid, took_grid) = (
+        step_with(layer, x, forced, monkeypatch, wrt=(x, *layer.parameters()))
+        for forced in (False, True))
+    assert not took_flash and took_grid      # the path taken is the one asked for
+    for a, b in zip(line_path, on_grid):
         assert max_abs_diff(a, b) < 1e-12
+
+
+def step_with(layer, x, forced, monkeypatch, wrt):
+    """((output, gradients of its squares' sum with respect to `wrt`), whether grid_flash ran)
+    of one step with GRID_FLASH set to `forced`."""
+    calls = []
+    original = grid_flash._lines
+    monkeypatch.setattr(grid_flash, "_lines", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(grid_flash, "GRID_FLASH", forced)
+    y = layer(x)
+    loss = y.to(torch.promote_types(y.dtype, torch.float32)).square().sum()   # bf16 in float32
+    grads = torch.autograd.grad(loss, wrt)
+    monkeypatch.setattr(grid_flash, "_lines", original)
+    return (y, *grads), bool(calls)
 
 
 @pytest.mark.gpu
@@ -162,19 +170,11 @@ def test_cuda_layer_takes_grid_flash_and_matches_its_line_path(name, options, ca
                             **options).cuda()
     x = torch.randn(2, 24, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert uses_grid_flash(x.view(2, 24, 2, 64).transpose(1, 2))
-    lines = []
-    original = grid_flash._lines
-    monkeypatch.setattr(grid_flash, "_lines", lambda *a: lines.append(1) or original(*a))
-    results = []
-    for forced in (None, False):
-        monkeypatch.setattr(grid_flash, "GRID_FLASH", forced)
-        lines.clear()
-        y = layer(x)
-        results.append((y.float(), torch.autograd.grad(y.float().square().sum(), x)[0].float()))
-        assert bool(lines) == (forced is None)
-    (y1, g1), (y2, g2) = results
-    assert max_abs_diff(y1, y2) < 3e-2 * y2.abs().max().item()
-    assert max_abs_diff(g1, g2) < 3e-2 * g2.abs().max().item()
+    (on_grid, took_grid), (line_path, took_flash) = (
+        step_with(layer, x, forced, monkeypatch, wrt=(x,)) for forced in (None, False))
+    assert took_grid and not took_flash
+    for a, b in zip(on_grid, line_path):
+        assert max_abs_diff(a.float(), b.float()) < 3e-2 * b.float().abs().max().item()
 
 
 @pytest.mark.gpu
