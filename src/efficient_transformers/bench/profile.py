@@ -14,7 +14,8 @@ mechanisms once `--budget` seconds have passed. `--missed` takes the mechanisms 
 benchmark's bench.json instead: the subjects of the targets that run missed, each in the form
 (causal or not) that missed; `benchmarks/cuda.sh` runs it after the CUDA benchmark. `--traffic`
 counts each operator's bytes and flops over one step instead (`traffic.py`: an estimate for a
-GPU that runs on any device).
+GPU that runs on any device); with `--as-cuda` the layers take the paths they take on CUDA
+(`functional/paths.py`), FlexAttention excepted.
 """
 
 from __future__ import annotations
