@@ -122,6 +122,28 @@ def test_layer_on_grid_flash_equals_its_line_path(name, options, causal, monkeyp
         assert max_abs_diff(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("name,options", LAYERS)
+def test_causal_layer_on_grid_flash_is_strictly_causal_and_decodes_alike(name, options,
+                                                                         monkeypatch):
+    """The contract's causality and decode checks on the grid path (the contract's N = 37
+    fills no grid of these layers, so it never takes this path)."""
+    monkeypatch.setattr(grid_flash, "GRID_FLASH", True)
+    layer = small_attention(name, causal=True, dtype=torch.float64, **options)
+    x = torch.randn(2, 24, layer.dim, dtype=torch.float64)
+    y = layer(x)
+    for i in (0, 5, 11, 22):
+        x2 = x.clone()
+        x2[:, i + 1:] = torch.randn_like(x2[:, i + 1:]) * 3
+        y2 = layer(x2)
+        assert max_abs_diff(y[:, :i + 1], y2[:, :i + 1]) < 1e-12, f"future leaks into {i}"
+        assert max_abs_diff(y[:, i + 1:], y2[:, i + 1:]) > 1e-6
+    outs, state = [], None
+    for start in range(0, 24, 5):
+        out, state = layer.decode(x[:, start:start + 5], state)
+        outs.append(out)
+    assert max_abs_diff(torch.cat(outs, dim=1), y) < 1e-10
+
+
 def step_with(layer, x, forced, monkeypatch, wrt):
     """((output, gradients of its squares' sum with respect to `wrt`), whether grid_flash ran)
     of one step with GRID_FLASH set to `forced`."""
