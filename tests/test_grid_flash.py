@@ -215,3 +215,19 @@ def test_cuda_grid_flash_inside_torch_compile(name, options):
     for y, g in results[1:]:
         assert max_abs_diff(y, results[0][0]) < 3e-2 * results[0][0].abs().max().item()
         assert max_abs_diff(g, results[0][1]) < 3e-2 * results[0][1].abs().max().item()
+
+
+@pytest.mark.parametrize("name,options", LAYERS[:2])
+def test_grid_path_compiles_and_equals_eager(name, options, monkeypatch):
+    """torch.compile (Inductor's decompositions and partition, graphs run eagerly) through the
+    autograd node and the CPU flash kernels: eager's values and gradients."""
+    monkeypatch.setattr(grid_flash, "GRID_FLASH", True)
+    layer = small_attention(name, dtype=torch.float64, **options)
+    compiled = torch.compile(layer, backend="aot_eager_decomp_partition")
+    x = torch.randn(2, 24, layer.dim, dtype=torch.float64, requires_grad=True)
+    results = []
+    for run in (layer, compiled):
+        y = run(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))))
+    for a, b in zip(*results):
+        assert max_abs_diff(a, b) < 1e-12
