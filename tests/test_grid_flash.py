@@ -90,6 +90,15 @@ def test_bf16_is_close_to_float64():
     assert max_abs_diff(out.double(), want) < 2e-2 * want.abs().max().item()
 
 
+def test_no_piece_left_gives_zero_and_minus_infinity():
+    """Far column keys on a grid of 2 rows: no query has a key (out 0, lse −inf, gradient 0)."""
+    q = torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True)
+    out, lse = grid_flash_attention(q, q, q, (2, 3), [(0, "far", 0)])
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_refuses_a_grid_that_does_not_cover_n():
     q = torch.randn(1, 1, 10, 4)
     with pytest.raises(ValueError, match="grid: expected"):

@@ -123,17 +123,16 @@ def _region(axes, piece: Piece, role: str) -> torch.Tensor:
     return t[:, :, gap:] if first else t[:, :, :n - gap]
 
 
+def _flipped(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """Lines (B·H, lines, n, ·) reversed along n for "after" pieces (key >= query + gap then
+    reads key <= query − gap), else as they are; its own inverse: grid order <-> kernel order."""
+    return t.flip(2) if piece.direction == "after" else t
+
+
 def _lines(axes, piece: Piece, role: str) -> torch.Tensor:
-    """The piece's lines as its kernel call takes them: `_region`, reversed along the lines for
-    "after" (then key >= query + gap reads key <= query − gap). A view unless reversed: the
-    kernels take strided lines."""
-    t = _region(axes, piece, role)
-    return t.flip(2) if piece.direction == "after" else t
-
-
-def _in_grid_order(t: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """A kernel result (B·H, lines, n, ·) back in `_region`'s order."""
-    return t.flip(2) if piece.direction == "after" else t
+    """The piece's lines as its kernel call takes them. A view unless reversed: the kernels take
+    strided lines."""
+    return _flipped(_region(axes, piece, role), piece)
 
 
 def _flash_forward(q, k, v, causal: bool, scale: float):
@@ -174,9 +173,10 @@ class _GridFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grid, pieces, scale):
         stat = stat_dtype(q.dtype)
-        start = torch.empty if _covers_all(pieces[0]) else torch.zeros
-        out = start(q.shape, dtype=stat, device=q.device)                        # (B, H, N, d)
-        lse = start(q.shape[:3], dtype=stat, device=q.device).fill_(float("-inf"))  # (B, H, N)
+        first_full = _covers_all(pieces[0])   # then it starts the merge: no zeros to fill
+        out = (torch.empty if first_full else torch.zeros)(q.shape, dtype=stat,
+                                                             device=q.device)  # (B, H, N, d)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=stat, device=q.device)  # (B, H, N)
         q_axes, k_axes, v_axes = (_axes(t, grid) for t in (q, k, v))
         out_axes, lse_axes = _axes(out, grid), _axes(lse[..., None], grid)
         auxes = []
@@ -186,8 +186,8 @@ class _GridFlash(torch.autograd.Function):
                 _lines(v_axes, piece, "k"), piece.direction != "all", scale)
             auxes.append(aux)
             acc, acc_lse = _region(out_axes, piece, "q"), _region(lse_axes, piece, "q")
-            part, part_lse = _in_grid_order(part, piece), _in_grid_order(part_lse[..., None], piece)
-            if index == 0 and _covers_all(piece):
+            part, part_lse = _flipped(part, piece), _flipped(part_lse[..., None], piece)
+            if index == 0 and first_full:
                 acc.copy_(part)
                 acc_lse.copy_(part_lse)
                 continue
@@ -205,8 +205,9 @@ class _GridFlash(torch.autograd.Function):
         grid, pieces = ctx.grid, ctx.pieces
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
         # the pieces' gradients add up in the input's dtype, as autograd adds a tensor's uses
-        start = torch.empty if _covers_all(pieces[0]) else torch.zeros
-        grads = [start(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        first_full = _covers_all(pieces[0])
+        grads = [(torch.empty if first_full else torch.zeros)(t.shape, dtype=t.dtype,
+                                                              device=t.device) for t in (q, k, v)]
         inputs = [_axes(t, grid) for t in (d_out, q, k, v, out, lse[..., None])]
         grad_axes = [_axes(t, grid) for t in grads]
         for index, (piece, aux) in enumerate(zip(pieces, ctx.auxes)):
@@ -216,8 +217,8 @@ class _GridFlash(torch.autograd.Function):
                                           lse_l[..., 0].contiguous(),   # FA2 reads it dense
                                           piece.direction != "all", ctx.scale, aux)
             for axes, g, role in zip(grad_axes, piece_grads, "qkk"):
-                region, g = _region(axes, piece, role), _in_grid_order(g, piece)
-                if index == 0 and _covers_all(piece):
+                region, g = _region(axes, piece, role), _flipped(g, piece)
+                if index == 0 and first_full:
                     region.copy_(g)
                 else:
                     region.add_(g)
@@ -233,5 +234,7 @@ def grid_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid
         raise ValueError(f"grid: expected (rows, columns) covering N={q.shape[2]}, got {grid}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     pieces = _ordered(grid_pieces(parts), grid)
+    if not pieces:   # no query has a key
+        return q.mul(0.0), q.new_full(q.shape[:3], float("-inf"), dtype=stat_dtype(q.dtype))
     q, k, v = (t.contiguous() for t in (q, k, v))
     return _GridFlash.apply(q, k, v, tuple(grid), pieces, scale)
