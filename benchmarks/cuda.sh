@@ -2,18 +2,22 @@
 # The CUDA checks in one go, in at most TOTAL seconds (default 540: a 10-minute slot on one GPU),
 # the most wanted first, so that a slot cut short still leaves the benchmark:
 #   1. the CUDA benchmark: bf16, forward+backward and causal forward+backward (the mechanisms that
-#      decode), N = 8k, 16k, 64k, every registered mechanism with the reference kernels (dense
-#      SDPA, causal dense SDPA, FlexAttention ±256 window, chunked causal linear attention) in the
-#      same run; no case starts after BENCH_BUDGET seconds (default TOTAL - 240);
+#      decode), N = 8k and 64k (the lengths of the targets), every registered mechanism with the
+#      reference kernels (dense SDPA, causal dense SDPA, FlexAttention ±256 window, chunked causal
+#      linear attention) in the same run; no case starts after BENCH_BUDGET seconds (default
+#      TOTAL - 300);
+#   1b. the same forward+backward at 8k, 16k and 64k captured as CUDA graphs (--cuda-graphs; at
+#      most GRAPHS_BUDGET seconds, default 100; GRAPHS=0 skips it);
 #   2. the GPU tests (pytest -m gpu), with what is left, at most TEST_BUDGET seconds (default
 #      150); on PYTEST_WORKERS processes (default 4) where pytest-xdist is installed, each test
 #      at most TEST_TIMEOUT seconds (default 90) where pytest-timeout is;
 #   3. a profile at 64k of the mechanisms that missed a target in this run (bench.json): the top
 #      kernels of their forward+backward, one table each, while time is left.
 # Everything lands in "${OUT:-bench-results}": cuda/bench.{json,csv,md} and plots,
-# bench-cuda.log, pytest-gpu.txt, profile/*.txt. With PACK=DIR, DIR also gets after each step
-# bench.json, bench.md, the two logs and cuda-results.tar.gz of everything (5 files, no folder),
-# for a machine that returns only a few files.
+# cuda-graphs/bench.{json,csv,md}, bench-cuda.log, pytest-gpu.txt, profile/*.txt. With PACK=DIR,
+# DIR also gets after each step bench.json, bench-graphs.json, bench.md, the two logs and
+# cuda-results.tar.gz of everything (6 files, no folder), for a machine that returns only a few
+# files.
 #
 #   bash benchmarks/cuda.sh                       # from the repository root
 #   SMOKE=1 bash benchmarks/cuda.sh               # about 3 minutes: 1k and 4k, a few mechanisms
@@ -43,6 +47,7 @@ pack() {
   for f in "$OUT/cuda/bench.json" "$OUT/cuda/bench.md" "$OUT/bench-cuda.log" "$OUT/pytest-gpu.txt"; do
     [ -f "$f" ] && cp "$f" "$PACK/"
   done
+  [ -f "$OUT/cuda-graphs/bench.json" ] && cp "$OUT/cuda-graphs/bench.json" "$PACK/bench-graphs.json"
   tar czf "$PACK/cuda-results.tar.gz" -C "$OUT" . 2>/dev/null
   return 0
 }
@@ -60,10 +65,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   MODELS="${MODELS:-transformer,performer,linear_transformer,longformer,dense_sdpa,dense_sdpa_causal,flex_window,linear_chunked_causal}"
   BUDGET="${BENCH_BUDGET:-60}"
 else
-  LENGTHS="${LENGTHS:-8192,16384,65536}"
+  LENGTHS="${LENGTHS:-8192,65536}"
   MODELS="${MODELS:-}"
-  BUDGET="${BENCH_BUDGET:-$(( TOTAL - 240 ))}"
+  BUDGET="${BENCH_BUDGET:-$(( TOTAL - 300 ))}"
 fi
+GRAPH_LENGTHS="${GRAPH_LENGTHS:-$([ "${SMOKE:-0}" = 1 ] && echo "$LENGTHS" || echo 8192,16384,65536)}"
 CASE_TIMEOUT="${CASE_TIMEOUT:-60}"
 args=(bench --device "$DEVICE" --dtype "$DTYPE" --modes "${MODES:-fwdbwd,causal}"
       --lengths "$LENGTHS" --repeats "${REPEATS:-5}" --warmup 2 --timeout "$CASE_TIMEOUT"
@@ -76,6 +82,25 @@ timeout $(( BUDGET + CASE_TIMEOUT + 60 )) "$PY" -m efficient_transformers "${arg
 rc=${PIPESTATUS[0]}
 [ "$rc" != 0 ] && status=$rc
 echo "benchmark: exit $rc after ${SECONDS}s"
+pack
+
+# 1b. the same layers' forward + backward captured once as CUDA graphs and replayed
+#     (bench --cuda-graphs: eager kernels without host time per call, no compiling; each replay
+#     checked against the eager step), in at most GRAPHS_BUDGET seconds (default 100), keeping
+#     180 s for the tests and the profile; GRAPHS=0 skips it
+GRAPHS_S=$(( $(left) - 180 ))
+[ "$GRAPHS_S" -gt "${GRAPHS_BUDGET:-100}" ] && GRAPHS_S="${GRAPHS_BUDGET:-100}"
+if [ "${GRAPHS:-1}" = 1 ] && [ "$DEVICE" = cuda ] && [ -z "${COMPILE:-}" ] && [ "$GRAPHS_S" -ge 40 ]; then
+  gargs=(bench --device cuda --dtype "$DTYPE" --modes fwdbwd --cuda-graphs
+         --lengths "$GRAPH_LENGTHS" --repeats "${REPEATS:-5}" --warmup 2 --timeout 25
+         --budget $(( GRAPHS_S - 40 )) --no-plots --out "$OUT/cuda-graphs")
+  [ -n "$MODELS" ] && gargs+=(--models "$MODELS")
+  timeout "$GRAPHS_S" "$PY" -m efficient_transformers "${gargs[@]}" 2>&1 \
+    | tee -a "$OUT/bench-cuda.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" != 0 ] && status=$rc
+  echo "benchmark with CUDA graphs: exit $rc after ${SECONDS}s"
+fi
 pack
 
 # 2. the GPU tests, with what is left (30 s kept for the profile and the summary)
@@ -111,10 +136,12 @@ fi
 pack
 
 # the summary last, where a caller that keeps only the end of the output sees it
-if [ -f "$OUT/cuda/bench.json" ]; then
-  "$PY" -m efficient_transformers bench --from-json "$OUT/cuda/bench.json" --no-plots \
-    --out "${TMPDIR:-/tmp}/cuda-summary" 2>&1 | grep -v "^wrote "
-fi
+for run in cuda cuda-graphs; do
+  if [ -f "$OUT/$run/bench.json" ]; then
+    "$PY" -m efficient_transformers bench --from-json "$OUT/$run/bench.json" --no-plots \
+      --out "${TMPDIR:-/tmp}/$run-summary" 2>&1 | grep -v "^wrote "
+  fi
+done
 grep -E "^(FAILED|ERROR) " "$OUT/pytest-gpu.txt" 2>/dev/null | head -20
 tail -n 2 "$OUT/pytest-gpu.txt" 2>/dev/null   # pytest's summary line, then the exit line
 echo "cuda.sh: done in ${SECONDS}s (exit $status); results in $OUT/cuda"

@@ -53,6 +53,7 @@ class BenchConfig:
     threads: int | None = None           # torch threads per case; None: torch's default
     clock: str = "wall"                  # "wall" or "cpu" (process CPU time; CPU device only)
     compile: str | None = None           # a torch.compile mode (COMPILE_MODES), or None: eager
+    cuda_graphs: bool = False            # fwd / fwd+bwd steps captured once, replayed (CUDA)
     isolate: bool = True                 # run cases in worker processes (memory, timeouts)
     plots: bool = True
     progress: bool = True
@@ -84,6 +85,16 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--clock: expected wall, or cpu with --device cpu, got {cfg.clock!r}")
     if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
         raise ValueError(f"--compile: expected one of {list(COMPILE_MODES)}, got {cfg.compile!r}")
+    if cfg.cuda_graphs:
+        if cfg.device != "cuda":
+            raise ValueError(f"--cuda-graphs: expected --device cuda (CUDA graphs need a GPU), "
+                             f"got --device {cfg.device}")
+        if cfg.compile is not None:
+            raise ValueError(f"--cuda-graphs: expected no --compile (got {cfg.compile!r}); "
+                             "--compile reduce-overhead captures CUDA graphs of its own")
+        if cfg.peers:
+            raise ValueError("--cuda-graphs: expected no --peers (the paired ours / peer "
+                             "timing runs eager)")
     if cfg.timeout <= 0:
         raise ValueError(f"--timeout: expected seconds > 0, got {cfg.timeout}")
     if cfg.device == "cuda":

@@ -203,6 +203,8 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         layer = compiled(layer, case)
         warmup = max(warmup, COMPILED_WARMUP)
         result["compiled"] = case["compile"]
+    if case.get("cuda_graphs") and mode != "decode":
+        result["cuda_graphs"] = True
     clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
 
     def start_peak():
@@ -211,13 +213,26 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     host = [] if device.type == "cuda" else None   # on the CPU the host is the device
     if mode == "fwd":
         layer.eval()
+        last = {}
+
+        def forward():
+            last["y"] = layer(x)
+
         with torch.no_grad():
-            times, peak_bytes, method = _timed(lambda: layer(x), device, warmup, repeats,
-                                               start_peak, clock=clock, host_times=host)
+            if case.get("cuda_graphs"):
+                times, peak_bytes, method, result["replay_error"] = _timed_graph(
+                    forward, lambda: last["y"], None, device, case, start_peak, clock, host)
+            else:
+                times, peak_bytes, method = _timed(forward, device, warmup, repeats,
+                                                   start_peak, clock=clock, host_times=host)
     elif mode == "fwdbwd":
         step, clear = training_step(layer, x)
-        times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak,
-                                           between=clear, clock=clock, host_times=host)
+        if case.get("cuda_graphs"):
+            times, peak_bytes, method, result["replay_error"] = _timed_graph(
+                step, lambda: x.grad, clear, device, case, start_peak, clock, host)
+        else:
+            times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak,
+                                               between=clear, clock=clock, host_times=host)
         if case.get("pair"):
             result["paired"] = _paired(case, layer, x, device, dtype, clock)
     elif mode == "decode":
@@ -232,6 +247,20 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     result.update(peak_mib=None if peak_bytes is None else peak_bytes / MIB,
                   mem_method=method)
     return result
+
+
+def _timed_graph(fn, result, between, device, case, start_peak, clock, host):
+    """`--cuda-graphs`: warm-up and one capture (`cuda_graphs.graphed_step`), then the timed
+    replays -> (times, peak bytes over the warm-up and the capture, method, the replay's
+    relative difference from the eager step)."""
+    from .cuda_graphs import graphed_step
+
+    peak = start_peak()
+    replay, err = graphed_step(fn, result, between, device, case["warmup"])
+    peak_bytes, method = peak.peak_bytes(), peak.method
+    times, _, _ = _timed(replay, device, 0, case["repeats"], start_peak, clock=clock,
+                         host_times=host)
+    return times, peak_bytes, method, err
 
 
 def compiled(layer, case):

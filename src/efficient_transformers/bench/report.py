@@ -109,6 +109,10 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             + (f"; every layer through `torch.compile(mode={cfg['compile']!r})` for forward and "
                f"forward + backward (compiling in the warm-up, at least "
                f"{COMPILED_WARMUP} runs), decode eager" if cfg.get("compile") else "")
+            + ("; forward and forward + backward captured once as a CUDA graph after the "
+               "warm-up and replayed (`--cuda-graphs`: eager kernels, no host time per call; "
+               "each replay checked against the eager step), decode eager"
+               if cfg.get("cuda_graphs") else "")
             + "; "
             f"per-case limit {cfg['timeout']:g} s; {results['elapsed_s']:g} s in all. "
             "Statuses: " + ", ".join(f"{k} {v}" for k, v in

@@ -66,7 +66,7 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
     base = dict(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, dim=cfg.dim,
                 heads=cfg.heads, repeats=cfg.repeats, warmup=cfg.warmup,
                 decode_tokens=cfg.decode_tokens, threads=cfg.threads, clock=cfg.clock,
-                compile=cfg.compile)
+                compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
     for kind, name in targets:
         decodes = kind == "ours" and et.attention_spec(name).decode
         runs: list[tuple[str, bool]] = []

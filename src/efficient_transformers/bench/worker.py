@@ -41,8 +41,9 @@ def serve(conn) -> None:
             result = {"status": classify_error(err)}
         if case.get("device") == "cuda" and result["status"] != "ok":
             # a CUDA error poisons the context: ask for a fresh process
+            # (a failed graph capture leaves the stream's capture state behind)
             result["fatal"] = "CUDA error" in result["status"] or \
-                "device-side assert" in result["status"]
+                "device-side assert" in result["status"] or bool(case.get("cuda_graphs"))
             if not result["fatal"]:
                 torch.cuda.empty_cache()  # the failed case's tensors are gone by now
         conn.send(result)

@@ -29,7 +29,7 @@ def run(args) -> int:
         lengths=_ints(args.lengths), modes=tuple(_names(args.modes)), device=args.device,
         dtype=args.dtype, batch=args.batch, dim=args.dim, heads=args.heads,
         repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
-        clock=args.clock, compile=args.compile,
+        clock=args.clock, compile=args.compile, cuda_graphs=args.cuda_graphs,
         peers=args.peers, out=args.out, timeout=args.timeout, budget=args.budget,
         threads=args.threads,
         isolate=not args.in_process, plots=not args.no_plots, progress=not args.quiet,
@@ -72,7 +72,8 @@ def run(args) -> int:
     if args.update_doc:
         from ..bench.report import update_doc
 
-        section = args.doc_section or results["config"]["device"]
+        cfg = results["config"]
+        section = args.doc_section or cfg["device"] + ("-graphs" if cfg.get("cuda_graphs") else "")
         update_doc(args.update_doc, results, section)
         print(f"updated the '{section}' section of {args.update_doc}")
     return 0
@@ -123,13 +124,18 @@ def add_parser(subparsers) -> None:
                    help="time every layer through torch.compile(mode=MODE) for fwd and fwdbwd "
                         "(decode stays eager): " + ", ".join(c.COMPILE_MODES) + "; "
                         "reduce-overhead replays CUDA graphs. Default: eager")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: capture each fwd and fwdbwd step once after warm-up and "
+                        "time its replays (eager kernels, no host time per call, no "
+                        "compiling); the replay is checked against the eager step first")
     p.add_argument("--in-process", action="store_true",
                    help="run cases in this process (no timeouts, no CPU memory isolation)")
     p.add_argument("--update-doc", metavar="PATH", default=None,
                    help="also put the report between the '<!-- bench:SECTION start/end -->' "
                         "markers of PATH (e.g. docs/benchmarks.md)")
     p.add_argument("--doc-section", default=None,
-                   help="section name for --update-doc; default: the device (cpu, cuda)")
+                   help="section name for --update-doc; default: the device (cpu, cuda), "
+                        "cuda-graphs for a --cuda-graphs run")
     p.add_argument("--from-json", metavar="FILE", default=None,
                    help="re-render the reports (and --update-doc) from earlier bench.json "
                         "files (comma-separated: their records together) instead of running")
