@@ -7,7 +7,8 @@
   available. Sorted by (bucket, position), chunks of `bucket_size`, each chunk attends to itself and
   the previous chunk within the same bucket. Rounds combined with log-sum-exp weights, duplicate
   pairs counted once (see `functional/lsh.py`). Memory O(n_hashes · N · 2 · bucket_size), time
-  O(N log N) for the sort; no N×N tensor.
+  O(N log N) for the sort; no N×N tensor. On CUDA the rounds' chunks run as one FlexAttention
+  call with the pair rules in its mask_mod (`functional/lsh_flex.py`); the same definition.
 - Any N: the layer pads to a multiple of `bucket_size`; padded and masked tokens get an extra bucket
   that sorts after every real token, so their values never move a real token's chunk and real
   queries never attend to them.
@@ -41,7 +42,9 @@ from torch import nn
 
 from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
 from ..functional.dense import naive_attention
+from ..functional import lsh_flex
 from ..functional.eager import outside_graphs
+from ..functional.flex import use_flex
 from ..functional.lsh import (
     causal_allowed_rounds, lsh_attention, lsh_buckets, random_rotations, sort_by_bucket,
     union_with_self,
@@ -134,8 +137,13 @@ class ReformerAttention(Attention):
     def attend(self, x, mask):
         n = x.shape[1]
         qk, v, buckets = self.hashed(x, mask)
-        out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal,
-                            n_buckets=self.buckets_for(qk.shape[2]))
+        n_buckets = self.buckets_for(qk.shape[2])
+        if lsh_flex.FORCE is not None or (qk.is_cuda and use_flex(qk)):
+            out = lsh_flex.lsh_attention_flex(qk, v, buckets, self.bucket_size, self.causal,
+                                              n_buckets, flex=lsh_flex.FORCE)
+        else:
+            out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal,
+                                n_buckets=n_buckets)
         return self.to_out(self.merge_heads(out[:, :, :n]))
 
     def display_order(self, x):

@@ -222,6 +222,25 @@ def _static_mask(n_chunks: int, chunk: int, causal: bool, device) -> torch.Tenso
     return band[None] & (first | (t >= chunk)[None])
 
 
+def round_locations(buckets, rank, chunk, causal, n_buckets):
+    """Where each token sits in each round, as one integer per (token, round) such that "i and
+    j are a pair of round s" is lo <= loc_s(i) - loc_s(j) <= hi.
+
+    buckets, rank (B, H, R, P) -> (loc (B, H, R, P) in the smallest integer dtype that holds it,
+    (lo, hi)). Non-causal: loc = bucket · (C + 2) + chunk, a pair when the chunks differ by 0 or 1
+    (the query's own chunk or the one before, same bucket). Causal: loc = bucket · (P + c + 1) +
+    rank, a pair when the ranks differ by 1 to c (one of the c most recent earlier tokens of the
+    bucket). Bucket ids are at most n_buckets (the padding bucket)."""
+    p = buckets.shape[-1]
+    if causal:
+        big, loc, window = p + chunk + 1, rank, (1, chunk)
+    else:
+        big, loc, window = p // chunk + 2, torch.div(rank, chunk, rounding_mode="floor"), (0, 1)
+    top = (n_buckets + 1) * big
+    kind = torch.int16 if top < 2 ** 15 else torch.int32 if top < 2 ** 31 else torch.int64
+    return (buckets * big + loc).to(kind), window
+
+
 def _blocked_pairs(buckets, order, rank, flat, chunk, causal, n_buckets):
     """(B, H, R, C, c, 2c) bool: True where a query may not use a window key in that round —
     another bucket, outside the static window, or a pair already attended in an earlier round
@@ -234,13 +253,7 @@ def _blocked_pairs(buckets, order, rank, flat, chunk, causal, n_buckets):
     blocked |= ~_static_mask(n_chunks, c, causal, dev)
     if r == 1:
         return blocked
-    if causal:  # member of round s: same bucket and rank distance in [1, c]
-        big, loc = p + c + 1, rank
-    else:  # member of round s: same bucket and chunk distance in {0, 1}
-        big, loc = n_chunks + 2, torch.div(rank, c, rounding_mode="floor")
-    top = (n_buckets + 1) * big
-    kind = torch.int16 if top < 2 ** 15 else torch.int32 if top < 2 ** 31 else torch.int64
-    loc = (buckets * big + loc).to(kind)
+    loc, _ = round_locations(buckets, rank, c, causal, n_buckets)
     loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, flat)  # all rounds' locs
     loc_q = loc.view(b_, h, r, n_chunks, c, r)
     loc_k = _look_back(loc_q)
@@ -260,6 +273,50 @@ def _blocked_pairs(buckets, order, rank, flat, chunk, causal, n_buckets):
     return blocked
 
 
+class RoundSort:
+    """The sorted order of every round and its bookkeeping, from buckets (B, H, R, P).
+
+    order (B, H, R, P): positions by (bucket, position) per round; rank: its inverse;
+    flat (B·H·R·P,): sorted slot -> row of a (B·H·P, w) tensor; to_slot: (b, h, r, position) ->
+    its sorted slot; from_slot: sorted slot -> (b, h, r, position); shape (B·H, R, P)."""
+
+    def __init__(self, buckets: torch.Tensor):
+        b_, h, r, p = buckets.shape
+        dev = buckets.device
+        positions = torch.arange(p, device=dev)
+        self.order = sort_by_bucket(buckets)
+        self.rank = torch.empty_like(self.order).scatter_(-1, self.order,
+                                                          positions.expand_as(self.order))
+        rows = (torch.arange(b_ * h, device=dev) * p).view(b_, h, 1, 1)
+        self.flat = (self.order + rows).reshape(-1)
+        slot0 = rows * r + torch.arange(r, device=dev).view(1, 1, r, 1) * p  # a round's first slot
+        self.to_slot = (self.rank + slot0).reshape(-1)
+        self.from_slot = (self.order + slot0).reshape(-1)
+        self.shape = (b_ * h, r, p)
+
+    def sorted_rows(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        """x (B·H·P, w) -> (pad + B·H·R·P, w): every round's sorted order after `pad` zero rows."""
+        return _SortRounds.apply(x, self.flat, self.to_slot, self.shape, pad)
+
+    def merge_rounds(self, out_s: torch.Tensor, lse_s: torch.Tensor,
+                     v: torch.Tensor) -> torch.Tensor:
+        """The rounds' outputs out_s (B·H·R·P, e) and log-sum-exps lse_s (B·H·R·P,) in sorted
+        order (-inf where a round's set is empty) -> (B, H, P, e): weighted by
+        softmax_r(lse_r) per position; a position whose union is empty gets its own value v
+        (B, H, P, e)."""
+        b_, h, p, e = v.shape
+        r = self.shape[1]
+        lse = _Permute.apply(lse_s, self.to_slot, self.from_slot).view(b_, h, r, p)
+        lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
+        any_set = torch.isfinite(lse).any(dim=2, keepdim=True)  # (B, H, 1, P)
+        round_w = torch.softmax(torch.where(any_set, lse, 0.0), dim=2).to(out_s.dtype)
+        w_sorted = _Permute.apply(round_w.reshape(-1), self.from_slot, self.to_slot)
+        weighted = out_s * w_sorted[:, None]
+        combined = _UnsortRounds.apply(weighted, self.flat, self.to_slot,
+                                       self.shape).view(b_, h, p, e)
+        return torch.where(any_set.squeeze(2)[..., None], combined, v)  # empty union: itself
+
+
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chunk: int,
                   causal: bool, scale: float | None = None,
                   n_buckets: int | None = None) -> torch.Tensor:
@@ -272,41 +329,21 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chun
     """
     b_, h, p, d = qk.shape
     e = v.shape[-1]
-    r = buckets.shape[2]
     c = chunk
-    n_chunks = p // c
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    dev = qk.device
-
-    positions = torch.arange(p, device=dev)
-    order = sort_by_bucket(buckets)  # (B, H, R, P)
-    rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
-    rows = (torch.arange(b_ * h, device=dev) * p).view(b_, h, 1, 1)
-    flat = (order + rows).reshape(-1)  # sorted slot -> row of qk / v (B·H·P rows)
-    slot0 = rows * r + torch.arange(r, device=dev).view(1, 1, r, 1) * p  # first slot of a round
-    to_slot = (rank + slot0).reshape(-1)  # (b, h, r, position) -> its sorted slot
-    from_slot = (order + slot0).reshape(-1)  # sorted slot -> (b, h, r, position)
-    shape = (b_ * h, r, p)
+    rounds = RoundSort(buckets)
 
     # one gather of [q·scale, k = q/|q|, v] into sorted order, after one chunk of padding
     rows_in = torch.cat([qk * scale, F.normalize(qk, dim=-1), v], dim=-1)
-    packed = _SortRounds.apply(rows_in.reshape(-1, 2 * d + e), flat, to_slot, shape, c)
+    packed = rounds.sorted_rows(rows_in.reshape(-1, 2 * d + e), pad=c)
     if n_buckets is None:
         n_buckets = int(buckets.max())
-    blocked = _blocked_pairs(buckets, order, rank, flat, c, causal, n_buckets)
+    blocked = _blocked_pairs(buckets, rounds.order, rounds.rank, rounds.flat, c, causal,
+                             n_buckets)
     out_s, lse_s = _ChunkWindowAttention.apply(packed, blocked.flatten(0, 3), d)  # (M, c, e)
     del blocked
-
-    # rounds combined with weights softmax_r(lse_r) per position (empty rounds weigh 0)
     lse_s = lse_s.masked_fill(lse_s < torch.finfo(lse_s.dtype).min / 2, float("-inf"))
-    lse = _Permute.apply(lse_s.reshape(-1), to_slot, from_slot).view(b_, h, r, p)
-    lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
-    any_set = torch.isfinite(lse).any(dim=2, keepdim=True)  # (B, H, 1, P)
-    round_w = torch.softmax(torch.where(any_set, lse, 0.0), dim=2).to(out_s.dtype)
-    w_sorted = _Permute.apply(round_w.reshape(-1), from_slot, to_slot)  # (B·H·R·P,)
-    weighted = out_s.reshape(-1, e) * w_sorted[:, None]
-    combined = _UnsortRounds.apply(weighted, flat, to_slot, shape).view(b_, h, p, e)
-    return torch.where(any_set.squeeze(2)[..., None], combined, v)  # empty union: itself
+    return rounds.merge_rounds(out_s.reshape(-1, e), lse_s.reshape(-1), v)
 
 
 # ------------------------------------------------------------- dense definitions (oracle)
