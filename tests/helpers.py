@@ -72,28 +72,6 @@ def assert_values_and_gradients_match(fast, slow, params, real=None, tol=1e-10, 
         assert max_abs_diff(a, b) < grad_tol
 
 
-def assert_flex_equals_blocked(attn, n: int, tol: float = 1e-5) -> None:
-    """The same layer's outputs through the CPU block path and through FlexAttention compiled on
-    CPU (forward only) agree on real positions of a random padded batch (2, n, DIM), for tests
-    marked slow. Skips where FlexAttention is unavailable."""
-    import pytest
-
-    from efficient_transformers.functional import flex
-
-    if not flex.flex_available():
-        pytest.skip("FlexAttention unavailable")
-    x = torch.randn(2, n, DIM)
-    mask = random_mask(2, n)
-    with torch.no_grad():
-        blocked = attn(x, mask)
-        flex.FORCE_FLEX = True
-        try:
-            fast = attn(x, mask)
-        finally:
-            flex.FORCE_FLEX = None
-    assert max_abs_diff(fast[mask], blocked[mask]) < tol
-
-
 def linear_attention_oracle(attn, x, mask):
     """A kernel mechanism's definition computed naively from the layer's own projections and
     feature map: the dense (N x N) feature-space weights, masked, normalised per row."""

@@ -11,7 +11,7 @@ from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.global_local import BigBirdPattern, bigbird_attention
 from efficient_transformers.functional.patterns import dense_pattern_mask
 from helpers import (
-    assert_classifier_trains, assert_flex_equals_blocked, assert_values_and_gradients_match,
+    assert_classifier_trains, assert_values_and_gradients_match,
     max_abs_diff, random_mask, small_attention,
 )
 
@@ -104,12 +104,6 @@ def test_options_are_checked():
 
 def test_model_trains(one_thread):
     assert_classifier_trains("bigbird", block_size=4, num_random_blocks=2, num_global=1)
-
-
-@pytest.mark.slow  # compiles FlexAttention on CPU (about a minute)
-def test_flex_forward_equals_blocked_path_on_cpu():
-    attn = small_attention("bigbird", dtype=torch.float32)
-    assert_flex_equals_blocked(attn, 37)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import torch
 
 from efficient_transformers.functional import flex
 from efficient_transformers.functional.patterns import ImageLocal1D, pattern_attention
-from helpers import max_abs_diff, random_mask, small_attention
+from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention
 
 needs_flex = pytest.mark.skipif(not flex.flex_available(), reason="FlexAttention is not importable")
 
@@ -96,16 +96,27 @@ def test_mechanisms_through_flex_equal_the_cpu_path(name, options, forced_flex):
     ("longformer", {"window": 5, "num_global": 9}, False),   # more global rows than window
     ("longformer", {"window": 5, "num_global": 9}, True),
     ("bigbird", {}, False),                                  # not causal (the survey)
+    ("bigbird", {"num_global": 2, "num_random_blocks": 1}, False),
 ])
 def test_layer_flex_path_through_eager_flex_equals_cpu_path(name, options, causal, forced_flex,
                                                           monkeypatch):
-    """The layer's FlexAttention path (its masks, global rows and merges) through FlexAttention's
-    eager reference instead of the compiled kernel: fast enough for every run."""
-    from torch.nn.attention.flex_attention import flex_attention
+    """The layer's FlexAttention path (its masks, the global keys merged in by log-sum-exp, the
+    global rows) through FlexAttention's eager reference instead of the compiled kernel, with
+    its device check lifted (the only thing that stops its backward on the CPU): outputs at real
+    positions and the gradients of every parameter equal the CPU path's."""
+    from torch.nn.attention import flex_attention as module
 
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
+    monkeypatch.setattr(module, "_validate_device", lambda *args: None)
     attn = small_attention(name, causal=causal, dtype=torch.float32, **options)
     assert_forced_flex_equals_cpu_path(attn)
+    x = torch.randn(2, 37, 16)
+    mask = random_mask(2, 37)
+    fast = attn(x, mask)
+    flex.FORCE_FLEX = False
+    slow = attn(x, mask)
+    assert_values_and_gradients_match(fast, slow, list(attn.parameters()), mask[..., None],
+                                      tol=1e-5, grad_tol=1e-4)
 
 
 GPU_CASES = [("image_transformer", {"mode": "1d", "shape": None, "block_size": 32, "window": 48}),
@@ -132,6 +143,27 @@ def test_cuda_takes_flex_for_block_sparse_patterns_only():
 @pytest.mark.parametrize("name,options", GPU_CASES, ids=lambda c: str(c))
 def test_cuda_flex_path_equals_block_path_with_gradients(name, options, causal):
     attn = small_attention(name, causal=causal, dtype=torch.float32, dim=64, heads=4, **options).cuda()
+    assert_cuda_flex_equals_block_path(attn)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,options,causal", [
+    ("longformer", {"window": 16, "dilation": [1, 1, 2, 2], "num_global": 3}, False),
+    ("longformer", {"window": 16, "dilation": [1, 1, 2, 2], "num_global": 3}, True),
+    ("bigbird", {"block_size": 32, "num_random_blocks": 2, "num_global": 2}, False),
+])
+def test_cuda_global_tokens_merged_beside_flex_equal_the_block_path(name, options, causal):
+    """The compiled kernel with lse, the global keys merged in and the global rows by matmuls,
+    against the CPU block path on the same GPU: outputs and input gradients."""
+    attn = small_attention(name, causal=causal, dtype=torch.float32, dim=64, heads=4,
+                           **options).cuda()
+    assert_cuda_flex_equals_block_path(attn)
+
+
+def assert_cuda_flex_equals_block_path(attn):
+    """attn (dim 64, on CUDA) with FORCE_FLEX on and off on a padded batch (2, 300): outputs at
+    real positions and the input's gradient agree."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 300, 64, generator=gen).cuda().requires_grad_()
     mask = random_mask(2, 300, generator=gen).cuda()

@@ -14,15 +14,21 @@ all covered (n_blocks <= 3 + r + g, or shorter than the global blocks) gets full
 
 Encoder only: the survey lists Big Bird as not decodable, so `causal=True` is refused.
 CPU path: gathered key blocks (3 + r + g per query block) and dense global rows, O(N · b · (3 + r
-+ 2g)); CUDA: FlexAttention with the same block pattern (functional/flex.py) where it applies.
++ 2g)); CUDA: FlexAttention for the sliding and random blocks (functional/flex.py) where it
+applies, the global blocks' keys merged in by log-sum-exp and their rows by explicit matmuls
+(inside FlexAttention either would leave one thread block walking all N/128 blocks).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from ..functional.global_local import BigBirdPattern, bigbird_attention, flex_or_none
+from ..functional.global_local import (
+    BigBirdPattern, bigbird_attention, flex_or_none, global_rows, merge_global_keys,
+)
 from ..registry import register
 from .base import Attention, check_positive_int
 
@@ -51,11 +57,25 @@ class BigBirdAttention(Attention):
         q, k, v = [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
         pattern = self.pattern(x.shape[1])
         pattern.tables(q.device)  # drawn before any compiled FlexAttention mask_mod reads them
-        out = flex_or_none(q, k, v, pattern, mask)
+        out = self._flex(q, k, v, pattern, mask)
         if out is None:
             out = bigbird_attention(q, k, v, self.block_size, self.num_random_blocks,
                                     self.num_global, self.buffer_int("random_seed"), mask)
         return self.to_out(self.merge_heads(out))
+
+    def _flex(self, q, k, v, pattern, mask):
+        """CUDA: sliding and random blocks through FlexAttention, the global tokens' keys merged
+        in by log-sum-exp and their rows by explicit matmuls (`global_rows`,
+        `merge_global_keys`); or None where FlexAttention does not apply."""
+        g = min(self.num_global * self.block_size, q.shape[2])
+        if not g:
+            return flex_or_none(q, k, v, pattern, mask)
+        local = dataclasses.replace(pattern, global_rows=False, global_cols=False)
+        out = flex_or_none(q, k, v, local, mask, return_lse=True)
+        if out is None:
+            return None
+        out = merge_global_keys(*out, q, k, v, g, mask)
+        return torch.cat([global_rows(q[:, :, :g], k, v, mask), out[:, :, g:]], dim=2)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, block_size={self.block_size}, "

@@ -17,8 +17,10 @@ global positions: the state is bounded, it does not grow with the length.
 
 CPU path: blocked attention over gathered key blocks of a window (dilation handled by a residue
 class permutation), global keys appended to every block, global rows dense (O(N · G)); see
-functional/global_local.py. CUDA: FlexAttention with the same pattern where functional/flex.py
-applies (the first `num_global` tokens global); a per-call `global_mask` takes the blocked path.
+functional/global_local.py. CUDA: FlexAttention for the window where functional/flex.py applies,
+the first `num_global` tokens' keys merged in by log-sum-exp and their rows by explicit matmuls
+(inside FlexAttention either would leave one thread block walking all N/128 blocks); a per-call
+`global_mask` takes the blocked path.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import torch
 from torch import nn
 
 from ..functional.global_local import (
-    DilatedWindow, LongformerPattern, dense_rows, flex_or_none, gather_global,
-    grouped_dilated_attention, local_block_size, longformer_attention, take_rows,
+    DilatedWindow, LongformerPattern, dense_rows, flex_or_none, gather_global, global_rows,
+    grouped_dilated_attention, local_block_size, longformer_attention, merge_global_keys,
 )
 from ..registry import register
 from .base import Attention, check_positive_int
@@ -113,34 +115,39 @@ class LongformerAttention(Attention):
         return self.to_out(self.merge_heads(out))
 
     def _flex(self, qs, ks, vs, mask):
-        """Non-global rows through FlexAttention (one call per dilation group), or None."""
+        """The sliding window through FlexAttention (one call per dilation group), the global
+        keys merged in by log-sum-exp (`merge_global_keys`); or None where FlexAttention does
+        not apply. The global rows are left to `_finish_flex`."""
         from ..functional.flex import use_flex
         if not use_flex(qs):
             return None
-        outs = {}
+        g = min(self.num_global, qs.shape[2])
+        outs, lses = {}, {}
         for dil in sorted(set(self.dilations)):
             heads = [i for i, x in enumerate(self.dilations) if x == dil]
             pattern = LongformerPattern(self.window, dil, self.num_global, self.causal,
-                                        global_rows=False)   # the global rows: _finish_flex
-            out = flex_or_none(qs[:, heads], ks[:, heads], vs[:, heads], pattern, mask)
+                                        global_rows=False, global_cols=False)
+            out = flex_or_none(qs[:, heads], ks[:, heads], vs[:, heads], pattern, mask,
+                               return_lse=bool(g))
             if out is None:
                 return None
+            out, lse = out if g else (out, None)
             outs.update({h: out[:, i] for i, h in enumerate(heads)})
-        return torch.stack([outs[h] for h in range(self.heads)], dim=1)
+            if g:
+                lses.update({h: lse[:, i] for i, h in enumerate(heads)})
+        out = torch.stack([outs[h] for h in range(self.heads)], dim=1)
+        if not g:
+            return out
+        lse = torch.stack([lses[h] for h in range(self.heads)], dim=1)
+        return merge_global_keys(out, lse, qs, ks, vs, g, mask, self.causal)
 
     def _finish_flex(self, x, out, mask):
         g = min(self.num_global, x.shape[1])
         if g:
             kg, vg = self.global_kv(x)
             qg = self.split_heads(self.to_q_global(x[:, :g]))
-            n = x.shape[1]
-            allowed = torch.ones(1, 1, g, n, dtype=torch.bool, device=x.device)
-            if mask is not None:
-                allowed = allowed & mask[:, None, None, :]
-            if self.causal:
-                pos = torch.arange(n, device=x.device)
-                allowed = allowed & (pos[None, :] <= pos[:g, None])
-            out = torch.cat([dense_rows(qg, kg, vg, allowed), out[:, :, g:]], dim=2)
+            rows = global_rows(qg, kg, vg, mask, self.causal)
+            out = torch.cat([rows, out[:, :, g:]], dim=2)
         return self.to_out(self.merge_heads(out))
 
     # --------------------------------------------------------------------------------- decode

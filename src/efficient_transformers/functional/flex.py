@@ -119,19 +119,42 @@ def pattern_block_mask(pattern, n: int, device, key_mask: torch.Tensor | None = 
 
 def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
                            key_mask: torch.Tensor | None = None, scale: float | None = None,
-                           block_size: int = BLOCK_SIZE, compiled: bool = True) -> torch.Tensor:
-    """Attention restricted to `pattern` through FlexAttention: q, k, v (B, H, N, d) -> (B, H, N, d).
-    Rows with no allowed key (padded queries) give 0. compiled=False runs FlexAttention's eager
-    reference (dense scores: for tests of the mask only)."""
+                           block_size: int = BLOCK_SIZE, compiled: bool = True,
+                           return_lse: bool = False):
+    """Attention restricted to `pattern` through FlexAttention: q, k, v (B, H, N, d) -> (B, H, N, d),
+    and with return_lse its row log-sum-exp (B, H, N) too (−inf where a row has no key; the
+    gradient flows through it). Rows with no allowed key (padded queries) give 0.
+    compiled=False runs FlexAttention's eager reference (dense scores: for tests of the mask
+    only)."""
     mask = pattern_block_mask(pattern, q.shape[2], q.device, key_mask, block_size)
+    flex = flex_callable(compiled)
+    if return_lse:
+        return flex_with_lse(flex, q, k, v, mask, scale)
+    return flex(q, k, v, block_mask=mask, scale=scale)
+
+
+def flex_callable(compiled: bool = True):
+    """flex_attention as this module calls it: compiled once (`_compiled_flex`), bare inside a
+    caller's torch.compile (which compiles it), or its eager reference (compiled=False)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     if not compiled:
-        from torch.nn.attention.flex_attention import flex_attention
+        def eager(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return flex_attention(*args, **kwargs)
+        return eager
+    if torch.compiler.is_compiling():
+        return flex_attention
+    return _compiled_flex()
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return flex_attention(q, k, v, block_mask=mask, scale=scale)
-    if torch.compiler.is_compiling():  # inside the caller's torch.compile, which compiles it
-        from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=mask, scale=scale)
-    return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
+def flex_with_lse(flex, q, k, v, block_mask, scale):
+    """(out, lse) of a FlexAttention call: `return_aux=AuxRequest(lse=True)` where torch has it
+    (`return_lse` is deprecated there, and its warning costs a recompile), else return_lse."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return flex(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+    out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    return out, aux.lse

@@ -57,22 +57,28 @@ class LongformerPattern(Pattern):
     """Dilated window plus the first `num_global` positions global (section 3.1): a global token
     attends to every position and every position attends to it; causal keeps only j <= i.
     (The global rows use their own projections in the layer; this predicate says which pairs
-    interact, for pictures and tests.) `global_rows=False` is the FlexAttention mask of the layer:
-    the global rows see only the window and the global keys there, since the layer computes them
-    densely and discards FlexAttention's rows; a full row would add a query block that walks every
-    key block, one thread block doing N/128 steps forward and backward."""
+    interact, for pictures and tests.) The layer's FlexAttention mask has `global_rows=False` and
+    `global_cols=False`: the layer computes the global rows densely and merges the global keys
+    in itself (`global_rows`, `merge_global_keys`). Inside FlexAttention a full row is a query
+    block that walks every key block, and a global key block is walked by every query block in
+    the backward: one thread block doing N/128 steps while the rest of the GPU waits."""
 
     window: int
     dilation: int = 1
     num_global: int = 0
     causal: bool = False
     global_rows: bool = True
+    global_cols: bool = True
 
     def allows(self, i, j):
         ok = DilatedWindow(self.window, self.dilation, self.causal).allows(i, j)
-        glob = j < self.num_global
+        if not self.global_cols:  # the layer merges the global keys in (`merge_global_keys`)
+            ok = ok & (j >= self.num_global)
+        glob = (j < self.num_global) if self.global_cols else None
         if self.global_rows:
-            glob = glob | (i < self.num_global)
+            glob = (i < self.num_global) if glob is None else glob | (i < self.num_global)
+        if glob is None:
+            return ok
         if self.causal:
             glob = glob & (j <= i)
         return ok | glob
@@ -119,13 +125,17 @@ class BigBirdPattern(Pattern):
     `block` positions, query block a sees key blocks a-1, a, a+1 (sliding), `num_random` random
     blocks (drawn once from `seed` for this number of blocks, among the blocks that are neither
     sliding nor global), and the first `num_global` blocks; the first `num_global` query blocks
-    see everything. The whole pattern is a (n_blocks, n_blocks) block adjacency matrix."""
+    see everything. The whole pattern is a (n_blocks, n_blocks) block adjacency matrix.
+    The layer's FlexAttention mask drops the global rows and columns (`global_rows`,
+    `global_cols`: see `LongformerPattern`)."""
 
     block: int
     n_blocks: int
     num_random: int
     num_global: int
     seed: int
+    global_rows: bool = True   # False: the global query blocks see nothing (the layer's rows)
+    global_cols: bool = True   # False: nothing sees the global key blocks (merged in by the layer)
 
     def tables(self, device=None):
         """(random blocks (nb, r), adjacency (nb, nb)) on `device`, drawn from the seed alone
@@ -138,7 +148,12 @@ class BigBirdPattern(Pattern):
 
     def allows(self, i, j):
         _, adjacency = self.tables(i.device)
-        return adjacency[i // self.block, j // self.block]
+        ok = adjacency[i // self.block, j // self.block]
+        if not self.global_cols:
+            ok = ok & (j // self.block >= self.num_global)
+        if not self.global_rows:
+            ok = ok & (i // self.block >= self.num_global)
+        return ok
 
     def key_blocks(self, n_blocks, block, device=None):
         if (n_blocks, block) != (self.n_blocks, self.block):
@@ -430,7 +445,7 @@ def bigbird_attention(q, k, v, block: int, num_random: int, num_global: int, see
         (qb[:, None] + torch.arange(-1, 2, device=q.device) < nb)             # (nq, 3)
     sliding = exists.repeat_interleave(block, -1)[None] & window_view(mask, block, 1, 1, dim=1)
     # random blocks (gathered) then global blocks (shared), as extra keys of each query block
-    r, g = rand.shape[1], min(num_global, nb)
+    g = min(num_global, nb)
     blocks_k = k.view(bsz, h, nb, block, d)
     blocks_v = v.view(bsz, h, nb, block, d)
     idx = rand.clamp_min(0)
@@ -519,7 +534,7 @@ def etc_dense_bias(n: int, g: int, window: int, l2l_bias, g2g_bias, key_mask=Non
 
 
 # ------------------------------------------------------------------------------- the CUDA path
-def flex_or_none(q, k, v, pattern: Pattern, key_mask=None):
+def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = False):
     """FlexAttention through functional/flex.py (`flex_pattern_attention`) where `use_flex(q)`
     says it applies (CUDA), else None so the caller takes the blocked path. The one place the
     mechanisms of this file call FlexAttention."""
@@ -529,4 +544,36 @@ def flex_or_none(q, k, v, pattern: Pattern, key_mask=None):
         return None
     if not use_flex(q):
         return None
-    return flex_pattern_attention(q, k, v, pattern, key_mask)
+    return flex_pattern_attention(q, k, v, pattern, key_mask, return_lse=return_lse)
+
+
+def _global_allowed(n_q: int, n_k: int, key_mask, causal: bool, device, q_offset: int = 0):
+    """(B|1, 1, n_q, n_k) bool or None: keys 0..n_k-1 where real and (causal) j <= i, for queries
+    at positions q_offset.."""
+    allowed = None if key_mask is None else key_mask[:, None, None, :n_k]
+    if causal:
+        i = torch.arange(n_q, device=device)[:, None] + q_offset
+        past = torch.arange(n_k, device=device)[None, :] <= i
+        allowed = past if allowed is None else allowed & past
+    return allowed
+
+
+def global_rows(q_rows, k, v, key_mask=None, causal: bool = False) -> torch.Tensor:
+    """The first g queries q_rows (B, H, g, d) against every key (B, H, N, d) -> (B, H, g, d),
+    by explicit matmuls (`merge.attention_with_lse`): O(g · N) and parallel over N, where a
+    FlashAttention call would give all N keys of a head to one thread block."""
+    from .merge import attention_with_lse
+
+    allowed = _global_allowed(q_rows.shape[2], k.shape[2], key_mask, causal, q_rows.device)
+    return attention_with_lse(q_rows, k, v, allowed)[0]
+
+
+def merge_global_keys(out, lse, q, k, v, g: int, key_mask=None, causal: bool = False):
+    """FlexAttention's (out (B, H, N, d), lse (B, H, N)) over a pattern without the global
+    columns, merged by log-sum-exp with every query's attention to the first g keys of k, v
+    (B, H, N, d) (causal: j <= i) -> (B, H, N, d): one softmax over the union."""
+    from .merge import attention_with_lse, merge_attention_parts
+
+    allowed = _global_allowed(q.shape[2], g, key_mask, causal, q.device)
+    part = attention_with_lse(q, k[:, :, :g], v[:, :, :g], allowed)                 # O(N · g)
+    return merge_attention_parts([(out, lse), part])[0]

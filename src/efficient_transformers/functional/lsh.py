@@ -43,6 +43,9 @@ def random_rotations(heads: int, n_hashes: int, head_dim: int, n_buckets: int,
 
 
 HASH_BLOCK_ELEMENTS = 1 << 24  # projections held at once while hashing (64 MiB in float32)
+# on CUDA, 256 MiB: at 64k tokens and 1024 buckets, 4 blocks a round instead of 16 (the host
+# launches ~6 kernels per block: 64 blocks were ~400 launches, more host time than GPU time)
+CUDA_HASH_BLOCK_ELEMENTS = 1 << 26
 
 
 def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
@@ -57,7 +60,8 @@ def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     if n_buckets > 1:
         work = torch.promote_types(qk.dtype, torch.float32)
         x, rot = qk.detach().to(work), rotations.to(work)
-        rows = max(1, HASH_BLOCK_ELEMENTS // (b_ * h * half))
+        budget = CUDA_HASH_BLOCK_ELEMENTS if qk.is_cuda else HASH_BLOCK_ELEMENTS
+        rows = max(1, budget // (b_ * h * half))
         for round_ in range(r):
             for start in range(0, n, rows):
                 proj = torch.matmul(x[:, :, start:start + rows], rot[:, round_])  # (B, H, n', b/2)

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .flex import flex_callable, flex_with_lse
 from .lsh import RoundSort, round_locations
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key)
@@ -103,30 +104,6 @@ def lsh_attention_flex(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
             locations = locations.int()
     mask_mod = _pair_mask_mod(sorted_buckets, locations, r, chunk, causal, window)
     block_mask = chunk_block_mask(p, chunk, causal, mask_mod, block, qk.device)
-    if flex is None:
-        flex = _flex()
+    flex = flex_callable() if flex is None else flex
     out_s, lse_s = flex_with_lse(flex, q_s, k_s, v_s, block_mask, scale)
     return rounds.merge_rounds(out_s.reshape(-1, e), lse_s.reshape(-1), v)
-
-
-def flex_with_lse(flex, q, k, v, block_mask, scale):
-    """(out, lse) of a FlexAttention call: `return_aux=AuxRequest(lse=True)` where torch has it
-    (`return_lse` is deprecated there, and its warning costs a recompile), else return_lse."""
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:
-        return flex(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
-    out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-    return out, aux.lse
-
-
-def _flex():
-    """The compiled flex_attention of `functional.flex` (bare inside a caller's compile)."""
-    if torch.compiler.is_compiling():
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention
-    from .flex import _compiled_flex
-
-    return _compiled_flex()
-
