@@ -94,7 +94,7 @@ def test_importing_the_package_does_not_load_the_compiler():
 
 
 FLEX_USERS = ["image_transformer", "longformer", "bigbird", "sparse_transformer",
-              "axial_transformer", "memory_compressed"]
+              "routing_transformer", "axial_transformer", "memory_compressed"]
 SLOWEST = ("longformer", "axial_transformer")  # 8-17 s each on 2 cores: marked slow
 
 

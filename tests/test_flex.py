@@ -97,6 +97,8 @@ def test_mechanisms_through_flex_equal_the_cpu_path(name, options, forced_flex):
     ("longformer", {"window": 5, "num_global": 9}, True),
     ("bigbird", {}, False),                                  # not causal (the survey)
     ("bigbird", {"num_global": 2, "num_random_blocks": 1}, False),
+    ("routing_transformer", {"window": 5, "local_heads": 1}, False),   # its local heads
+    ("routing_transformer", {"window": 5, "local_heads": 1}, True),
 ])
 def test_layer_flex_path_through_eager_flex_equals_cpu_path(name, options, causal, forced_flex,
                                                           monkeypatch):
@@ -108,8 +110,8 @@ def test_layer_flex_path_through_eager_flex_equals_cpu_path(name, options, causa
 
     monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
     monkeypatch.setattr(module, "_validate_device", lambda *args: None)
-    attn = small_attention(name, causal=causal, dtype=torch.float32, **options)
-    assert_forced_flex_equals_cpu_path(attn)
+    attn = small_attention(name, causal=causal, dtype=torch.float32, **options).eval()
+    assert_forced_flex_equals_cpu_path(attn)          # (eval: routing's centroids stay put)
     x = torch.randn(2, 37, 16)
     mask = random_mask(2, 37)
     fast = attn(x, mask)

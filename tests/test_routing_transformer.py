@@ -183,19 +183,33 @@ def test_training_updates_centroids_after_routing_and_eval_does_not():
     assert torch.allclose(attn.centroids.norm(dim=-1), torch.ones(1, dtype=torch.float64))
 
 
-def test_ema_step_ignores_padded_tokens_and_empty_clusters():
+@pytest.mark.parametrize("by_index", [False, True], ids=["one-hot", "index_add"])
+def test_ema_step_ignores_padded_tokens_and_empty_clusters(by_index):
     torch.manual_seed(0)
     mu = F.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1)
     x = F.normalize(torch.randn(1, 2, 6, 4, dtype=torch.float64), dim=-1)
     assign = torch.tensor([[[0, 0, 1, 1, 1, 0], [2, 2, 2, 2, 2, 2]]])
     real = torch.tensor([[True, True, True, True, False, False]])
-    new = ema_centroids(mu, x, assign, real, decay=0.5)
+    new = ema_centroids(mu, x, assign, real, decay=0.5, by_index=by_index)
     expect = F.normalize(0.5 * mu[0, 0] + 0.5 * x[0, 0, :2].mean(0), dim=-1)
     assert max_abs_diff(new[0, 0], expect) < 1e-12
     assert torch.equal(new[0, 2], mu[0, 2])  # no member: unchanged
     x2 = x.clone()
     x2[..., 4:, :] = 7.0  # padded values do not matter
-    assert torch.equal(new, ema_centroids(mu, x2, assign, real, decay=0.5))
+    assert torch.equal(new, ema_centroids(mu, x2, assign, real, decay=0.5, by_index=by_index))
+
+
+def test_ema_sums_by_index_equal_the_one_hot_matmul():
+    """The CUDA default (index_add_) against the CPU's (one-hot matmul), 2 batches, 3 heads."""
+    gen = torch.Generator().manual_seed(1)
+    mu = F.normalize(torch.randn(3, 5, 8, dtype=torch.float64, generator=gen), dim=-1)
+    x = F.normalize(torch.randn(2, 3, 40, 8, dtype=torch.float64, generator=gen), dim=-1)
+    assign = torch.randint(0, 4, (2, 3, 40), generator=gen)   # cluster 4 left empty
+    real = random_mask(2, 40, generator=gen)
+    one_hot = ema_centroids(mu, x, assign, real, 0.9, by_index=False)
+    indexed = ema_centroids(mu, x, assign, real, 0.9, by_index=True)
+    assert max_abs_diff(one_hot, indexed) < 1e-12
+    assert max_abs_diff(indexed[:, 4], mu[:, 4]) < 1e-12   # empty: kept (renormalised)
 
 
 def test_aux_loss_is_the_commitment_loss_with_gradient():

@@ -20,7 +20,8 @@ tokens rank last, so they never displace a real token.
 On CPU (float32/64) the non-causal routing heads run as one autograd node (functional/routed.py:
 attention in each cluster, the average and the commitment loss, with a hand-written backward;
 the routing decisions carry no gradient); elsewhere as the composition (`unit_vectors`,
-`routed_attention`: gather, SDPA, scatter; `commitment_loss`). Tests compare the two.
+`routed_attention`: gather, SDPA, scatter; `commitment_loss`). Tests compare the two. On CUDA
+the local heads are one FlexAttention call and the k-means step sums by `index_add_`.
 
 Causal form (differs from the paper): balanced top-k over the whole sequence lets future tokens
 change which past tokens a query sees, so the causal variant does not balance. Each token is
@@ -44,6 +45,7 @@ from ..functional.kmeans import (
     grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group,
     unit_parts, unit_vectors, unpermute,
 )
+from ..functional.global_local import DilatedWindow, flex_or_none
 from ..functional.routed import Commitment, routed_heads
 from ..registry import register
 from .base import Attention, check_positive_int
@@ -174,9 +176,15 @@ class RoutingAttention(Attention):
         return (self.fused_cpu and not self.causal and self.routing_heads > 0
                 and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64))
 
-    def local(self, q, k, v, real):
-        """Local heads: sliding window of `window` tokens. (B, Hl, N, d) -> (B, Hl, N, d)."""
-        return grouped_window_attention(q, k, v, None, real, self.window, self.causal)
+    def local(self, q, k, v, mask):
+        """Local heads: sliding window of `window` tokens. (B, Hl, N, d) -> (B, Hl, N, d).
+        FlexAttention where it applies (CUDA), else blocks of the window with their
+        neighbours."""
+        pattern = DilatedWindow(self.window - 1, 1, self.causal)    # |i - j| < window
+        out = flex_or_none(q, k, v, pattern, mask)
+        if out is None:
+            out = grouped_window_attention(q, k, v, None, mask, self.window, self.causal)
+        return out
 
     def attend(self, x, mask):
         b, n, _ = x.shape
@@ -184,13 +192,17 @@ class RoutingAttention(Attention):
         qkv = self.to_qkv(x)                                    # (B, N, 3·dim)
         q, k, v = self.split_qkv(qkv)
         hl = self.local_heads
+        # (local heads, routing heads) of each, by split: its backward writes one gradient
+        # tensor, where two slices' would each write a zero-filled full one and then add them
+        (ql, qr), (kl, kr), (vl, vr) = (t.split([hl, self.routing_heads], dim=1)
+                                        for t in (q, k, v))
         outs = []
         if hl:
-            outs.append(self.local(q[:, :hl], k[:, :hl], v[:, :hl], mask))
+            outs.append(self.local(ql, kl, vl, mask))
         if self.uses_fused_routing(qkv):
-            outs.append(self.fused_routing(qkv, q[:, hl:], k[:, hl:], real, mask))
+            outs.append(self.fused_routing(qkv, qr, kr, real, mask))
         elif self.routing_heads:
-            outs.append(self.routing(q[:, hl:], k[:, hl:], v[:, hl:], real, mask))
+            outs.append(self.routing(qr, kr, vr, real, mask))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.to_out(self.merge_heads(out))
 

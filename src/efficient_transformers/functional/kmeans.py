@@ -73,24 +73,37 @@ def balanced_members(scores: torch.Tensor, size: int, real: torch.Tensor) -> tor
     return s.topk(size, dim=-1, sorted=False).indices
 
 
+EMA_BY_INDEX: bool | None = None  # None: `ema_centroids` sums by index on CUDA; True / False: forced
+
+
 def ema_centroids(centroids: torch.Tensor, x_hat: torch.Tensor, assign: torch.Tensor,
-                  real: torch.Tensor, decay: float) -> torch.Tensor:
+                  real: torch.Tensor, decay: float, by_index: bool | None = None) -> torch.Tensor:
     """One online k-means step (paper eq. for mu <- decay mu + (1 - decay) mean of its members).
 
     centroids (H, C, d); x_hat (B, H, N, d); assign (B, H, N); real (B, N). Clusters that received
     no real token keep their centroid. Returns new unit-norm centroids (H, C, d), no gradient.
+    The members' sums: by_index (default on CUDA) adds each token into its cluster's row
+    (`index_add_`, atomic on CUDA); otherwise a weighted one-hot (B, H, N, C) and one batched
+    matmul per head (on the CPU an index_add into H·C rows serialises; on CUDA the one-hot is
+    256 MiB of float32 per side at 64k tokens and 256 clusters).
     """
     h, c, d = centroids.shape
     b, _, n = assign.shape
     dtype = centroids.dtype
-    # members as a weighted one-hot (B, H, N, C): the sums are one batched matmul per head (an
-    # index_add into H·C rows serialises on CPU)
-    weight = real[:, None, :, None].to(dtype).expand(b, h, n, 1)
-    members = torch.zeros(b, h, n, c, dtype=dtype, device=centroids.device)
-    members.scatter_(-1, assign[..., None], weight)
     x = x_hat.detach().to(dtype)
-    sums = torch.einsum("bhnc,bhnd->hcd", members, x)                       # (H, C, d)
-    counts = members.sum(dim=(0, 2))[..., None]                             # (H, C, 1)
+    if by_index is None:
+        by_index = x.is_cuda if EMA_BY_INDEX is None else EMA_BY_INDEX
+    if by_index:
+        rows = (assign + torch.arange(h, device=assign.device)[None, :, None] * c).reshape(-1)
+        weight = real[:, None, :].to(dtype).expand(b, h, n).reshape(-1, 1)    # (B·H·N, 1)
+        sums = x.new_zeros(h * c, d).index_add_(0, rows, x.reshape(-1, d) * weight).view(h, c, d)
+        counts = x.new_zeros(h * c, 1).index_add_(0, rows, weight).view(h, c, 1)
+    else:
+        weight = real[:, None, :, None].to(dtype).expand(b, h, n, 1)
+        members = torch.zeros(b, h, n, c, dtype=dtype, device=centroids.device)
+        members.scatter_(-1, assign[..., None], weight)
+        sums = torch.einsum("bhnc,bhnd->hcd", members, x)                   # (H, C, d)
+        counts = members.sum(dim=(0, 2))[..., None]                         # (H, C, 1)
     mean = sums / counts.clamp_min(1.0)
     moved = decay * centroids + (1.0 - decay) * mean
     return F.normalize(torch.where(counts > 0, moved, centroids), dim=-1)
