@@ -154,10 +154,13 @@ def test_cuda_flex_path_equals_block_path_with_gradients(name, options, causal):
     ("longformer", {"window": 16, "dilation": [1, 1, 2, 2], "num_global": 3}, False),
     ("longformer", {"window": 16, "dilation": [1, 1, 2, 2], "num_global": 3}, True),
     ("bigbird", {"block_size": 32, "num_random_blocks": 2, "num_global": 2}, False),
+    ("routing_transformer", {"window": 32, "local_heads": 2, "num_clusters": 4}, False),
+    ("routing_transformer", {"window": 32, "local_heads": 2, "num_clusters": 4}, True),
 ])
-def test_cuda_global_tokens_merged_beside_flex_equal_the_block_path(name, options, causal):
-    """The compiled kernel with lse, the global keys merged in and the global rows by matmuls,
-    against the CPU block path on the same GPU: outputs and input gradients."""
+def test_cuda_layers_around_flex_equal_the_block_path(name, options, causal):
+    """The compiled kernel with lse, the global keys merged in and the global rows by matmuls
+    (longformer, bigbird); routing's local heads: against the block path on the same GPU,
+    outputs and input gradients."""
     attn = small_attention(name, causal=causal, dtype=torch.float32, dim=64, heads=4,
                            **options).cuda()
     assert_cuda_flex_equals_block_path(attn)
@@ -165,7 +168,8 @@ def test_cuda_global_tokens_merged_beside_flex_equal_the_block_path(name, option
 
 def assert_cuda_flex_equals_block_path(attn):
     """attn (dim 64, on CUDA) with FORCE_FLEX on and off on a padded batch (2, 300): outputs at
-    real positions and the input's gradient agree."""
+    real positions and the input's gradient agree (in eval mode: routing's centroids stay)."""
+    attn.eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 300, 64, generator=gen).cuda().requires_grad_()
     mask = random_mask(2, 300, generator=gen).cuda()
