@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
 # The CUDA checks in one go, in at most TOTAL seconds (default 540: a 10-minute slot on one GPU),
 # the most wanted first, so that a slot cut short still leaves the benchmark:
-#   1. the CUDA benchmark: bf16, forward+backward and causal forward+backward (the mechanisms that
-#      decode), N = 8k and 64k (the lengths of the targets), every registered mechanism with the
-#      reference kernels (dense SDPA, causal dense SDPA, FlexAttention ±256 window, chunked causal
-#      linear attention) in the same run; no case starts after BENCH_BUDGET seconds (default
-#      TOTAL - 300);
-#   1b. the same forward+backward at 8k, 16k and 64k captured as CUDA graphs (--cuda-graphs; at
-#      most GRAPHS_BUDGET seconds, default 100; GRAPHS=0 skips it);
+#   1a. the CUDA benchmark: bf16, forward+backward, N = 8k and 64k (the lengths of the targets),
+#      every registered mechanism with the reference kernels (dense SDPA, causal dense SDPA,
+#      FlexAttention ±256 window, chunked causal linear attention), at most BENCH_S seconds
+#      (default 230);
+#   1b. causal forward+backward of the decoders without a FlexAttention path (CAUSAL_MODELS), at
+#      most CAUSAL_S seconds (default 80);
+#   1c. the forward+backward of 1a captured as CUDA graphs (--cuda-graphs), at most GRAPHS_S
+#      seconds (default 100; GRAPHS=0 skips it);
 #   2. the GPU tests (pytest -m gpu), with what is left, at most TEST_BUDGET seconds (default
 #      150); on PYTEST_WORKERS processes (default 4) where pytest-xdist is installed, each test
 #      at most TEST_TIMEOUT seconds (default 90) where pytest-timeout is;
-#   3. a profile at 64k of the mechanisms that missed a target in this run (bench.json): the top
+#   3. a profile at 64k of the mechanisms that missed a target in 1a (bench.json): the top
 #      kernels of their forward+backward, one table each, while time is left.
-# Everything lands in "${OUT:-bench-results}": cuda/bench.{json,csv,md} and plots,
-# cuda-graphs/bench.{json,csv,md}, bench-cuda.log, pytest-gpu.txt, profile/*.txt. With PACK=DIR,
-# DIR also gets after each step bench.json, bench-graphs.json, bench.md, the two logs and
-# cuda-results.tar.gz of everything (6 files, no folder), for a machine that returns only a few
-# files.
+# Everything lands in "${OUT:-bench-results}": cuda/, cuda-causal/ and cuda-graphs/ (each
+# bench.{json,csv,md}; plots in cuda/), bench-cuda.log, pytest-gpu.txt, profile/*.txt. With
+# PACK=DIR, DIR also gets after each step bench.json, bench-causal.json, bench-graphs.json,
+# bench.md, the two logs and cuda-results.tar.gz of everything (7 files, no folder), for a
+# machine that returns only a few files.
 #
 #   bash benchmarks/cuda.sh                       # from the repository root
 #   SMOKE=1 bash benchmarks/cuda.sh               # about 3 minutes: 1k and 4k, a few mechanisms
-#   LENGTHS=1024,4096,16384,65536 TOTAL=900 bash benchmarks/cuda.sh
+#   LENGTHS=1024,4096,16384,65536 TOTAL=900 BENCH_S=500 bash benchmarks/cuda.sh
 #   DEVICE=cpu SMOKE=1 LENGTHS=256,512 bash benchmarks/cuda.sh   # the script's flow, no GPU
 #   COMPILE=reduce-overhead MODELS=... LENGTHS=65536 bash benchmarks/cuda.sh   # compiled layers
 #      (bench --compile: CUDA graphs, no host time per call; each case compiles in its warm-up,
@@ -47,6 +48,7 @@ pack() {
   for f in "$OUT/cuda/bench.json" "$OUT/cuda/bench.md" "$OUT/bench-cuda.log" "$OUT/pytest-gpu.txt"; do
     [ -f "$f" ] && cp "$f" "$PACK/"
   done
+  [ -f "$OUT/cuda-causal/bench.json" ] && cp "$OUT/cuda-causal/bench.json" "$PACK/bench-causal.json"
   [ -f "$OUT/cuda-graphs/bench.json" ] && cp "$OUT/cuda-graphs/bench.json" "$PACK/bench-graphs.json"
   tar czf "$PACK/cuda-results.tar.gz" -C "$OUT" . 2>/dev/null
   return 0
@@ -59,49 +61,57 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
 PY
 status=0
 
-# 1. the benchmark
+# 1. the benchmark, in stages; a stage whose budget is spent records the cases left as skipped
 if [ "${SMOKE:-0}" = 1 ]; then
   LENGTHS="${LENGTHS:-1024,4096}"
   MODELS="${MODELS:-transformer,performer,linear_transformer,longformer,dense_sdpa,dense_sdpa_causal,flex_window,linear_chunked_causal}"
-  BUDGET="${BENCH_BUDGET:-60}"
+  CAUSAL_MODELS="${CAUSAL_MODELS:-transformer,performer,linear_transformer}"
 else
   LENGTHS="${LENGTHS:-8192,65536}"
   MODELS="${MODELS:-}"
-  BUDGET="${BENCH_BUDGET:-$(( TOTAL - 300 ))}"
+  # the decoders without a FlexAttention path: a FlexAttention layer compiles for 6-18 s per
+  # length (2026-11-27), which the causal stage cannot afford
+  CAUSAL_MODELS="${CAUSAL_MODELS:-transformer,memory_compressed,transformer_xl,sparse_transformer,axial_transformer,compressive_transformer,sinkhorn_transformer,synthesizer,performer,linear_transformer}"
 fi
-GRAPH_LENGTHS="${GRAPH_LENGTHS:-$([ "${SMOKE:-0}" = 1 ] && echo "$LENGTHS" || echo 8192,16384,65536)}"
-CASE_TIMEOUT="${CASE_TIMEOUT:-60}"
-args=(bench --device "$DEVICE" --dtype "$DTYPE" --modes "${MODES:-fwdbwd,causal}"
-      --lengths "$LENGTHS" --repeats "${REPEATS:-5}" --warmup 2 --timeout "$CASE_TIMEOUT"
-      --budget "$BUDGET" --out "$OUT/cuda")
-[ -n "$MODELS" ] && args+=(--models "$MODELS")
-[ -n "${COMPILE:-}" ] && args+=(--compile "$COMPILE")
-# the case in flight when the budget is spent may run CASE_TIMEOUT more; then the reports
-timeout $(( BUDGET + CASE_TIMEOUT + 60 )) "$PY" -m efficient_transformers "${args[@]}" 2>&1 \
-  | tee -a "$OUT/bench-cuda.log"
-rc=${PIPESTATUS[0]}
-[ "$rc" != 0 ] && status=$rc
-echo "benchmark: exit $rc after ${SECONDS}s"
-pack
+GRAPH_LENGTHS="${GRAPH_LENGTHS:-$LENGTHS}"
 
-# 1b. the same layers' forward + backward captured once as CUDA graphs and replayed
-#     (bench --cuda-graphs: eager kernels without host time per call, no compiling; each replay
-#     checked against the eager step), in at most GRAPHS_BUDGET seconds (default 100), keeping
-#     180 s for the tests and the profile; GRAPHS=0 skips it
-GRAPHS_S=$(( $(left) - 180 ))
-[ "$GRAPHS_S" -gt "${GRAPHS_BUDGET:-100}" ] && GRAPHS_S="${GRAPHS_BUDGET:-100}"
-if [ "${GRAPHS:-1}" = 1 ] && [ "$DEVICE" = cuda ] && [ -z "${COMPILE:-}" ] && [ "$GRAPHS_S" -ge 40 ]; then
-  gargs=(bench --device cuda --dtype "$DTYPE" --modes fwdbwd --cuda-graphs
-         --lengths "$GRAPH_LENGTHS" --repeats "${REPEATS:-5}" --warmup 2 --timeout 25
-         --budget $(( GRAPHS_S - 40 )) --no-plots --out "$OUT/cuda-graphs")
-  [ -n "$MODELS" ] && gargs+=(--models "$MODELS")
-  timeout "$GRAPHS_S" "$PY" -m efficient_transformers "${gargs[@]}" 2>&1 \
+# stage NAME OUT_DIR WALL_S CASE_TIMEOUT ARGS...: one `bench` run in at most WALL_S seconds;
+# no case starts after WALL_S - CASE_TIMEOUT - 20 (the case in flight, then the reports)
+stage() {
+  local name=$1 dir=$2 wall=$3 case_timeout=$4
+  shift 4
+  if [ "$wall" -lt $(( case_timeout + 30 )) ]; then
+    echo "$name: not run, ${wall}s left for it" | tee -a "$OUT/bench-cuda.log"
+    return 0
+  fi
+  timeout "$wall" "$PY" -m efficient_transformers bench --device "$DEVICE" --dtype "$DTYPE" \
+    --repeats "${REPEATS:-5}" --warmup 2 --timeout "$case_timeout" \
+    --budget $(( wall - case_timeout - 20 )) --out "$OUT/$dir" "$@" 2>&1 \
     | tee -a "$OUT/bench-cuda.log"
-  rc=${PIPESTATUS[0]}
+  local rc=${PIPESTATUS[0]}
   [ "$rc" != 0 ] && status=$rc
-  echo "benchmark with CUDA graphs: exit $rc after ${SECONDS}s"
+  echo "$name: exit $rc after ${SECONDS}s"
+  pack
+}
+cap() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }   # the smaller of two numbers
+compiled=()
+[ -n "${COMPILE:-}" ] && compiled=(--compile "$COMPILE")
+models=()
+[ -n "$MODELS" ] && models=(--models "$MODELS")
+
+# 1a. forward + backward, eager (every mechanism and the reference kernels unless MODELS)
+stage "benchmark" cuda "$(cap "${BENCH_S:-230}" $(( $(left) - 60 )))" 40 \
+  --modes fwdbwd --lengths "$LENGTHS" "${models[@]}" "${compiled[@]}"
+# 1b. causal forward + backward of the decoders in CAUSAL_MODELS
+stage "causal benchmark" cuda-causal "$(cap "${CAUSAL_S:-80}" $(( $(left) - 60 )))" 20 \
+  --modes causal --lengths "$LENGTHS" --models "$CAUSAL_MODELS" --no-plots "${compiled[@]}"
+# 1c. forward + backward captured once as CUDA graphs and replayed (bench --cuda-graphs: the
+#     eager kernels without host time per call, no compiling; each replay checked against the
+#     eager step); GRAPHS=0 skips it
+if [ "${GRAPHS:-1}" = 1 ] && [ "$DEVICE" = cuda ] && [ -z "${COMPILE:-}" ]; then
+  stage "benchmark with CUDA graphs" cuda-graphs "$(cap "${GRAPHS_S:-100}" $(( $(left) - 60 )))" 25 \
+    --modes fwdbwd --cuda-graphs --lengths "$GRAPH_LENGTHS" --no-plots "${models[@]}"
 fi
-pack
 
 # 2. the GPU tests, with what is left (30 s kept for the profile and the summary)
 TESTS_S=$(( $(left) - 30 ))
@@ -136,7 +146,7 @@ fi
 pack
 
 # the summary last, where a caller that keeps only the end of the output sees it
-for run in cuda cuda-graphs; do
+for run in cuda cuda-causal cuda-graphs; do
   if [ -f "$OUT/$run/bench.json" ]; then
     "$PY" -m efficient_transformers bench --from-json "$OUT/$run/bench.json" --no-plots \
       --out "${TMPDIR:-/tmp}/$run-summary" 2>&1 | grep -v "^wrote "
