@@ -121,7 +121,9 @@ def test_layer_with_global_mask_equals_oracle(causal):
     is_global = global_mask & mask
     ref = oracle(qs, ks, vs, qg, kg, vg, is_global, 2, (1, 3), causal, mask)
     ref = attn.to_out(attn.merge_heads(ref))
-    assert max_abs_diff(y[mask], ref[mask]) < 1e-12
+    # values and every parameter's gradient: the layer folds Kg, Vg into the global queries
+    assert_values_and_gradients_match(y, ref, list(attn.parameters()), mask[..., None],
+                                      tol=1e-12)
     if causal:  # a per-call global token never lets the future leak
         x2 = x.clone()
         x2[:, 12:] += 3 * torch.randn(b, n - 12, 16, dtype=torch.float64)

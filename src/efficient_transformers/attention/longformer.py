@@ -18,9 +18,11 @@ global positions: the state is bounded, it does not grow with the length.
 CPU path: blocked attention over gathered key blocks of a window (dilation handled by a residue
 class permutation), global keys appended to every block, global rows dense (O(N · G)); see
 functional/global_local.py. CUDA: FlexAttention for the window where functional/flex.py applies,
-the first `num_global` tokens' keys merged in by log-sum-exp and their rows by explicit matmuls
-(inside FlexAttention either would leave one thread block walking all N/128 blocks); a per-call
-`global_mask` takes the blocked path.
+the first `num_global` tokens' keys merged in by log-sum-exp (inside FlexAttention every query
+block would visit the global key block, and in the backward that block is one thread block
+walking all N/128 query blocks); a per-call `global_mask` takes the blocked path. On both
+paths the global rows fold Kg and Vg into the global queries (`global_rows`): O(G·N·dim), no
+projection of every token to Kg, Vg.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import torch
 from torch import nn
 
 from ..functional.global_local import (
-    DilatedWindow, LongformerPattern, dense_rows, flex_or_none, gather_global, global_rows,
+    DilatedWindow, LongformerPattern, dense_rows, flex_or_none, gather_global,
     grouped_dilated_attention, local_block_size, longformer_attention, merge_global_keys,
 )
+from ..functional.folded_cross import key_folded_attention
 from ..registry import register
 from .base import Attention, check_positive_int
 
@@ -105,14 +108,26 @@ class LongformerAttention(Attention):
         if mask is not None:
             is_global = is_global & mask
         index, valid = gather_global(is_global, count)                          # (B, G)
-        qg_rows = kg = vg = None
-        if index.shape[1]:
-            xg = x.gather(1, index[..., None].expand(b, index.shape[1], self.dim))
-            qg_rows = self.split_heads(self.to_q_global(xg))
-            kg, vg = self.global_kv(x)
-        out = longformer_attention(qs, ks, vs, qg_rows, kg, vg, index, valid, self.window,
-                                   self.dilations, self.causal, mask, self.block)
+        rows = self.global_rows(x, index, mask) if index.shape[1] else None
+        out = longformer_attention(qs, ks, vs, None, None, None, index, valid, self.window,
+                                   self.dilations, self.causal, mask, self.block, rows=rows)
         return self.to_out(self.merge_heads(out))
+
+    def global_rows(self, x, index, mask):
+        """The global queries' outputs (B, H, G, d): Qg at the positions `index` (B, G) against
+        Kg, Vg of every real token (causal: j <= its position), with the key and value
+        projections folded into the queries (`folded_cross.key_folded_attention`): O(G·N·dim)
+        instead of projecting all N tokens to Kg, Vg, (N, 2·dim) × dim multiply-adds."""
+        b, n, _ = x.shape
+        xg = x.gather(1, index[..., None].expand(b, index.shape[1], self.dim))
+        allowed = None
+        if self.causal:
+            allowed = torch.arange(n, device=x.device)[None, None, :] <= index[..., None]
+        wk, wv = self.to_kv_global.weight.chunk(2)
+        bv = None if self.to_kv_global.bias is None else self.to_kv_global.bias.chunk(2)[1]
+        rows = key_folded_attention(self.to_q_global(xg), x, self.heads, wk, wv, bv, mask,
+                                    allowed)                                    # (B, G, H·d)
+        return self.split_heads(rows)
 
     def _flex(self, qs, ks, vs, mask):
         """The sliding window through FlexAttention (one call per dilation group), the global
@@ -144,10 +159,8 @@ class LongformerAttention(Attention):
     def _finish_flex(self, x, out, mask):
         g = min(self.num_global, x.shape[1])
         if g:
-            kg, vg = self.global_kv(x)
-            qg = self.split_heads(self.to_q_global(x[:, :g]))
-            rows = global_rows(qg, kg, vg, mask, self.causal)
-            out = torch.cat([rows, out[:, :, g:]], dim=2)
+            index = torch.arange(g, device=x.device).expand(x.shape[0], g)
+            out = torch.cat([self.global_rows(x, index, mask), out[:, :, g:]], dim=2)
         return self.to_out(self.merge_heads(out))
 
     # --------------------------------------------------------------------------------- decode

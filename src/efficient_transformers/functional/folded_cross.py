@@ -104,21 +104,30 @@ def query_folded_attention(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
 
 def key_folded_attention(q: torch.Tensor, y: torch.Tensor, heads: int, wk: torch.Tensor,
                          wv: torch.Tensor, bv: torch.Tensor | None,
-                         key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         key_mask: torch.Tensor | None = None,
+                         allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Multihead(X, Y, Y) for few queries, before the output projection. q (B, Nq, H·d)
     projected queries; y (B, M, dim) unprojected keys/values; wk, wv (H·d, dim), bv (H·d,) the
-    key and value projections (the key bias drops out of softmax); key_mask (B, M), True = real.
+    key and value projections (the key bias drops out of softmax); key_mask (B, M), True = real;
+    allowed (B|1, Nq, M) bool, the keys each query may see besides (Longformer's causal global
+    rows), a query with none left seeing every key (its output is not meant to be used).
     -> (B, Nq, H·d), the heads' outputs merged."""
     b, nq, hd = q.shape
     h, d, dim = heads, hd // heads, y.shape[2]
     q = heads_first(q, h) * d ** -0.5                                   # (H, B·Nq, d), scaled
     a = rows_by_head(torch.bmm(q, wk.view(h, d, dim)), b)              # (B, H·Nq, dim) = A'ᵀ
     yt = y.transpose(1, 2)                                              # (B, dim, M), a view
-    if key_mask is None:
+    if allowed is not None:
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, :]
+        allowed = real_or_all(allowed).expand(b, nq, -1).repeat(1, h, 1)  # (B, H·Nq, M)
+    elif key_mask is not None:
+        allowed = real_or_all(key_mask)[:, None]                           # (B, 1, M)
+    if allowed is None:
         scores = torch.bmm(a, yt)                                       # (B, H·Nq, M)
     else:
-        bias = torch.zeros(b, 1, y.shape[1], dtype=a.dtype, device=a.device)
-        bias = bias.masked_fill(~real_or_all(key_mask)[:, None], float("-inf"))
+        bias = torch.zeros(allowed.shape, dtype=a.dtype, device=a.device)
+        bias = bias.masked_fill(~allowed, float("-inf"))
         scores = torch.baddbmm(bias, a, yt)
     probs = scores.softmax(dim=-1)                                      # over the M keys
     del scores

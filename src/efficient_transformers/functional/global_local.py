@@ -362,13 +362,14 @@ def grouped_dilated_attention(q, k, v, window: int, dilations, causal: bool, key
 
 def longformer_attention(qs, ks, vs, qg_rows, kg, vg, index, valid, window: int,
                          dilations, causal: bool, key_mask, block: int,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, rows=None) -> torch.Tensor:
     """Longformer attention (Beltagy et al. 2020, section 3.1), all projections given.
 
     qs/ks/vs (B, H, N, d): the sliding-window projections; kg/vg (B, H, N, d): the global ones;
     index/valid (B, G): the global positions (`gather_global` of a (B, N) mask that is already
-    False at padding); qg_rows (B, H, G, d): the global queries at those positions.
-    dilations: one per head.
+    False at padding); qg_rows (B, H, G, d): the global queries at those positions; or, instead
+    of qg_rows, kg and vg, the global rows' outputs `rows` (B, H, G, d) computed by the caller
+    (the layer folds Kg, Vg into the queries). dilations: one per head.
     - a non-global query i attends, with qs·ks and vs, to the keys j in its dilated window that are
       not global, plus every global key j (causal: j <= i): one softmax;
     - a global query i attends with qg·kg and vg to every real key (causal: j <= i).
@@ -389,10 +390,12 @@ def longformer_attention(qs, ks, vs, qg_rows, kg, vg, index, valid, window: int,
                                     block, take_rows(ks, index), take_rows(vs, index), extra_ok,
                                     scale=scale)
     # global rows: their own projections, every (earlier) real key
-    allowed = real[:, None, None, :].expand(bsz, 1, g, n)                     # (B, 1, G, N)
-    if causal:
-        allowed = allowed & (pos[None, None, None, :] <= index[:, None, :, None])
-    glob = dense_rows(qg_rows, kg, vg, allowed, scale=scale)                  # (B, H, G, d)
+    glob = rows
+    if glob is None:
+        allowed = real[:, None, None, :].expand(bsz, 1, g, n)                 # (B, 1, G, N)
+        if causal:
+            allowed = allowed & (pos[None, None, None, :] <= index[:, None, :, None])
+        glob = dense_rows(qg_rows, kg, vg, allowed, scale=scale)              # (B, H, G, d)
     glob = torch.where(valid[:, None, :, None], glob, take_rows(out, index))
     return out.scatter(2, index[:, None, :, None].expand_as(glob), glob)
 
