@@ -12,7 +12,10 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import masked_softmax, naive_attention
 from efficient_transformers.functional.global_local import etc_attention, etc_dense_bias
-from helpers import assert_classifier_trains, max_abs_diff, random_mask, small_attention
+from helpers import (
+    assert_classifier_trains, assert_values_and_gradients_match, max_abs_diff, random_mask,
+    small_attention,
+)
 
 
 
@@ -164,3 +167,28 @@ def test_model_trains_the_global_path_and_layers_need_globals_without_their_own(
         layer(torch.randn(1, 9, 16))
     with pytest.raises(ValueError, match="learned_globals"):
         et.build_attention("etc", dim=16, heads=2, learned_globals="no")
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_dense_rows_explicit_path_equals_sdpa(kind):
+    """`dense_rows`' CUDA form (explicit matmuls: a bool mask through attention_with_lse, a float
+    one, like ETC's learned global biases, through autograd) against its CPU form (SDPA): values
+    and gradients, the mask's included; a row with nothing allowed is opened up in both."""
+    from efficient_transformers.functional.global_local import dense_rows
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 4, 8, dtype=torch.float64, generator=gen).requires_grad_()
+    k, v = (torch.randn(2, 3, 30, 8, dtype=torch.float64, generator=gen).requires_grad_()
+            for _ in range(2))
+    allowed = torch.rand(2, 1, 4, 30, generator=gen) > 0.4
+    allowed[0, 0, 1] = False                                   # an empty row
+    params = [q, k, v]
+    if kind == "float":
+        bias = torch.randn(1, 3, 4, 30, dtype=torch.float64, generator=gen)
+        allowed = torch.where(allowed, bias, float("-inf"))
+        allowed[0, :, 1] = 0.0                                 # (a float mask opens nothing)
+        allowed.requires_grad_()
+        params.append(allowed)
+    fast = dense_rows(q, k, v, allowed, explicit=True)
+    slow = dense_rows(q, k, v, allowed, explicit=False)
+    assert_values_and_gradients_match(fast, slow, params, tol=1e-12)

@@ -168,13 +168,27 @@ class BigBirdPattern(Pattern):
 
 # ------------------------------------------------------------------------------ core compute
 def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, explicit: bool | None = None) -> torch.Tensor:
     """A few query rows against all keys: q (B, H, G, d), k, v (B, H, M, d), allowed bool
-    (B, 1|H, G, M) or a float additive mask. Rows with nothing allowed are opened up (their
-    output must be discarded by the caller). O(G · M)."""
+    (B|1, 1|H, G, M) or a float additive mask. Rows with nothing allowed are opened up (their
+    output must be discarded by the caller). O(G · M). On CUDA by explicit matmuls: a fused
+    attention kernel gives the G rows, one query block, to one thread block per head, which
+    then walks all M keys alone while the rest of the GPU waits; a bool mask through
+    `merge.attention_with_lse` (only the probabilities saved), a float one through autograd
+    (its gradient reaches the mask, e.g. ETC's learned biases). On the CPU through
+    `scaled_dot_product_attention`, whose kernels keep no (G, M) scores. `explicit` forces
+    either (None: explicit on CUDA)."""
+    from .merge import attention_with_lse, stat_dtype
+
     if allowed.dtype == torch.bool:
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    if not (q.is_cuda if explicit is None else explicit):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    if allowed.dtype == torch.bool:
+        return attention_with_lse(q, k, v, allowed, scale)[0]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(stat_dtype(q.dtype)) + allowed
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 def window_view(t: torch.Tensor, block: int, lo: int, hi: int, dim: int = 2) -> torch.Tensor:
@@ -508,8 +522,8 @@ def etc_attention(ql, kl, vl, qg, kg, vg, window: int, block: int, l2l_bias, g2g
     if own is not None:
         g2l_ok = g2l_ok & own.transpose(1, 2)[:, None]
     g2l = torch.where(g2l_ok, 0.0, NEG_INF).to(ql.dtype).expand(bsz, h, g, n)
-    glob_out = F.scaled_dot_product_attention(qg, torch.cat([kg, kl], 2), torch.cat([vg, vl], 2),
-                                              attn_mask=torch.cat([g2g, g2l], -1), scale=scale)
+    glob_out = dense_rows(qg, torch.cat([kg, kl], 2), torch.cat([vg, vl], 2),
+                          torch.cat([g2g, g2l], -1), scale=scale)
     return long_out, glob_out
 
 
@@ -562,13 +576,12 @@ def _global_allowed(n_q: int, n_k: int, key_mask, causal: bool, device, q_offset
 
 
 def global_rows(q_rows, k, v, key_mask=None, causal: bool = False) -> torch.Tensor:
-    """The first g queries q_rows (B, H, g, d) against every key (B, H, N, d) -> (B, H, g, d),
-    by explicit matmuls (`merge.attention_with_lse`): O(g · N) and parallel over N, where a
-    FlashAttention call would give all N keys of a head to one thread block."""
-    from .merge import attention_with_lse
-
+    """The first g queries q_rows (B, H, g, d) against every real key (B, H, N, d) (causal:
+    j <= i) -> (B, H, g, d), by `dense_rows`."""
     allowed = _global_allowed(q_rows.shape[2], k.shape[2], key_mask, causal, q_rows.device)
-    return attention_with_lse(q_rows, k, v, allowed)[0]
+    if allowed is None:
+        allowed = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
+    return dense_rows(q_rows, k, v, allowed)
 
 
 def merge_global_keys(out, lse, q, k, v, g: int, key_mask=None, causal: bool = False):
