@@ -564,12 +564,12 @@ def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = Fa
     return flex_pattern_attention(q, k, v, pattern, key_mask, return_lse=return_lse)
 
 
-def _global_allowed(n_q: int, n_k: int, key_mask, causal: bool, device, q_offset: int = 0):
-    """(B|1, 1, n_q, n_k) bool or None: keys 0..n_k-1 where real and (causal) j <= i, for queries
-    at positions q_offset.."""
+def _global_allowed(n_q: int, n_k: int, key_mask, causal: bool, device):
+    """(B|1, 1, n_q, n_k) bool or None: keys 0..n_k-1 where real and (causal) j <= i, for the
+    queries at positions 0..n_q-1."""
     allowed = None if key_mask is None else key_mask[:, None, None, :n_k]
     if causal:
-        i = torch.arange(n_q, device=device)[:, None] + q_offset
+        i = torch.arange(n_q, device=device)[:, None]
         past = torch.arange(n_k, device=device)[None, :] <= i
         allowed = past if allowed is None else allowed & past
     return allowed

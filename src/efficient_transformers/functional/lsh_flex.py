@@ -27,7 +27,7 @@ from .flex import flex_callable, flex_with_lse
 from .lsh import RoundSort, round_locations
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key)
-FORCE = None  # tests: a flex_attention callable (`eager_flex`) that reformer then uses on any device
+FORCE = None  # tests: a flex_attention callable (its eager reference) reformer uses on any device
 
 
 def chunk_block_mask(p: int, chunk: int, causal: bool, mask_mod, block: int, device):
@@ -80,7 +80,7 @@ def lsh_attention_flex(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     """`lsh_attention` through FlexAttention: the same arguments and result (B, H, P, e).
 
     flex: the flex_attention callable (default: `functional.flex`'s compiled one; tests pass
-    `eager_flex`, FlexAttention's dense reference, which also runs on the CPU)."""
+    FlexAttention's eager reference, dense scores, which also runs on the CPU)."""
     b_, h, p, d = qk.shape
     e = v.shape[-1]
     r = buckets.shape[2]
