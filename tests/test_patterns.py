@@ -10,7 +10,7 @@ import torch
 from efficient_transformers.functional.axial import axial_attention, grid_shape, strided_column_attention
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.merge import (attention_with_lse, merge_attention_parts,
-                                                     merge_into_)
+                                                     merge_into_, merge_pair)
 from efficient_transformers.functional.patterns import (
     Axial, BlockLocal, Fixed, ImageLocal1D, ImageLocal2D, LocalWindow, Strided, dense_pattern_mask,
     image2d_attention, pattern_attention, pattern_attention_with_lse,
@@ -125,6 +125,26 @@ def test_merge_attention_parts_is_one_softmax_over_the_union(causal):
     for x, y in zip(torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v)),
                     torch.autograd.grad((ref * g).sum() + ref_lse.sum(), (q, k, v))):
         assert max_abs_diff(x, y) < 1e-12
+
+
+def test_merge_pair_is_merge_attention_parts_for_two():
+    """Values and gradients (through both outs and both lses) in float64; a row empty in one
+    part, a row empty in both (out_b's row, finite gradients)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 11, 4, dtype=torch.float64, generator=gen).requires_grad_()
+               for _ in range(3))
+    split = torch.rand(11, 11, generator=gen) > 0.5
+    a, b = split.clone(), ~split
+    a[0], b[1] = False, False                     # empty in one part
+    a[2], b[2] = False, False                     # empty in both
+    parts = [attention_with_lse(q, k, v, a), attention_with_lse(q, k, v, b)]
+    out = merge_pair(*parts[0], *parts[1])
+    ref, _ = merge_attention_parts(parts)
+    assert max_abs_diff(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    for x, y in zip(torch.autograd.grad((out * g).sum(), (q, k, v), retain_graph=True),
+                    torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        assert torch.isfinite(x).all() and max_abs_diff(x, y) < 1e-12
 
 
 def test_merge_into_is_merge_attention_parts_in_place():

@@ -59,6 +59,7 @@ class LongformerAttention(Attention):
             dilations = (check_positive_int("dilation", dilation),) * heads
         self.dilation, self.dilations = dilation, dilations
         self.block = local_block_size(window)
+        self._groups: dict = {}   # device -> `_head_groups`
         self.to_qkv = nn.Linear(dim, 3 * dim)          # Qs, Ks, Vs
         self.to_q_global = nn.Linear(dim, dim)         # Qg
         self.to_kv_global = nn.Linear(dim, 2 * dim)    # Kg, Vg
@@ -137,24 +138,42 @@ class LongformerAttention(Attention):
         if not use_flex(qs):
             return None
         g = min(self.num_global, qs.shape[2])
-        outs, lses = {}, {}
-        for dil in sorted(set(self.dilations)):
-            heads = [i for i, x in enumerate(self.dilations) if x == dil]
+        groups, inverse = self._head_groups(qs.device)
+        outs, lses = [], []
+        for dil, heads in groups:
             pattern = LongformerPattern(self.window, dil, self.num_global, self.causal,
                                         global_rows=False, global_cols=False)
-            out = flex_or_none(qs[:, heads], ks[:, heads], vs[:, heads], pattern, mask,
-                               return_lse=bool(g))
+            part = (qs, ks, vs) if heads is None else (t.index_select(1, heads)
+                                                       for t in (qs, ks, vs))
+            out = flex_or_none(*part, pattern, mask, return_lse=bool(g))
             if out is None:
                 return None
             out, lse = out if g else (out, None)
-            outs.update({h: out[:, i] for i, h in enumerate(heads)})
-            if g:
-                lses.update({h: lse[:, i] for i, h in enumerate(heads)})
-        out = torch.stack([outs[h] for h in range(self.heads)], dim=1)
+            outs.append(out)
+            lses.append(lse)
+        out, lse = outs[0], lses[0]
+        if inverse is not None:   # back to head order: one gather (its backward one index_add)
+            out = torch.cat(outs, dim=1).index_select(1, inverse)
+            lse = torch.cat(lses, dim=1).index_select(1, inverse) if g else None
         if not g:
             return out
-        lse = torch.stack([lses[h] for h in range(self.heads)], dim=1)
         return merge_global_keys(out, lse, qs, ks, vs, g, mask, self.causal)
+
+    def _head_groups(self, device):
+        """([(dilation, its heads as an index tensor, or None for all heads)], the inverse of
+        the groups' head order or None), the tensors made once per device: no host-to-device
+        copy in a step (a CUDA graph could not capture one)."""
+        key = str(device)
+        if key not in self._groups:
+            dils = sorted(set(self.dilations))
+            if len(dils) == 1:
+                self._groups[key] = ([(dils[0], None)], None)
+            else:
+                heads = [[i for i, x in enumerate(self.dilations) if x == d] for d in dils]
+                order = torch.tensor([h for group in heads for h in group], device=device)
+                self._groups[key] = ([(d, torch.tensor(h, device=device))
+                                      for d, h in zip(dils, heads)], torch.argsort(order))
+        return self._groups[key]
 
     def _finish_flex(self, x, out, mask):
         g = min(self.num_global, x.shape[1])

@@ -80,11 +80,17 @@ def traffic_mechanism(name: str, n: int, device: str, dtype: str, causal: bool =
                       as_cuda: bool = False) -> tuple[str, float]:
     """(the operator-traffic table of one forward + backward step of `name` at length n, its
     estimated H100 time in ms): `traffic.OperatorTraffic`, an estimate, not a measurement.
-    `as_cuda`: the layer takes the paths it takes on CUDA (`functional.paths.cuda_paths`)."""
+    `as_cuda`: the layer takes the paths it takes on CUDA (`functional.paths.cuda_paths`), its
+    FlexAttention calls priced instead of run (`traffic_flex`)."""
     from ..functional.paths import cuda_paths
     from .traffic import OperatorTraffic
+    from .traffic_flex import priced_flex_paths
 
-    with cuda_paths() if as_cuda else contextlib.nullcontext():
+    paths = contextlib.ExitStack()
+    if as_cuda:
+        paths.enter_context(cuda_paths())
+        paths.enter_context(priced_flex_paths())
+    with paths:
         step, clear, _ = _prepared_step(name, n, device, dtype, causal, 1, dim, heads)
         clear()
         counter = OperatorTraffic()

@@ -80,6 +80,28 @@ class OperatorTraffic(TorchDispatchMode):
         self.rows = defaultdict(lambda: [0, 0, 0.0])
         self.dispatches = 0    # every aten call, views included: the host's work
 
+    _active: list = []  # the counters whose blocks are open (innermost last)
+
+    def __enter__(self):
+        OperatorTraffic._active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        OperatorTraffic._active.remove(self)
+        return super().__exit__(*exc)
+
+    @classmethod
+    def charge(cls, name: str, nbytes: float, flops: float) -> None:
+        """Add a priced call (not an aten operator: `traffic_flex`) to the innermost counter; one
+        host dispatch."""
+        if cls._active:
+            counter = cls._active[-1]
+            row = counter.rows[name]
+            row[0] += 1
+            row[1] += int(nbytes)
+            row[2] += float(flops)
+            counter.dispatches += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.dispatches += 1

@@ -17,7 +17,9 @@ from functools import lru_cache
 
 import torch
 
-FORCE_FLEX: bool | None = None   # None: automatic (CUDA and importable); True / False: forced
+# None: automatic (CUDA and importable); True / False: forced; "cuda": decided as on CUDA on any
+# device (the traffic estimate, `bench/traffic_flex.py`)
+FORCE_FLEX: bool | str | None = None
 BLOCK_SIZE = 128
 MIN_HEAD_DIM = 16  # the CUDA FlexAttention kernel refuses smaller head dimensions ("NYI: E >= 16")
 
@@ -48,6 +50,8 @@ def use_flex(q: torch.Tensor, block_sparse: bool = True) -> bool:
         return False
     if q.is_cuda and q.shape[-1] < MIN_HEAD_DIM:
         return False
+    if FORCE_FLEX == "cuda":
+        return block_sparse and flex_available()
     if FORCE_FLEX is not None:
         return FORCE_FLEX and flex_available()
     return block_sparse and q.is_cuda and flex_available()

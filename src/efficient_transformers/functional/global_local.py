@@ -588,8 +588,8 @@ def merge_global_keys(out, lse, q, k, v, g: int, key_mask=None, causal: bool = F
     """FlexAttention's (out (B, H, N, d), lse (B, H, N)) over a pattern without the global
     columns, merged by log-sum-exp with every query's attention to the first g keys of k, v
     (B, H, N, d) (causal: j <= i) -> (B, H, N, d): one softmax over the union."""
-    from .merge import attention_with_lse, merge_attention_parts
+    from .merge import attention_with_lse, merge_pair
 
     allowed = _global_allowed(q.shape[2], g, key_mask, causal, q.device)
     part = attention_with_lse(q, k[:, :, :g], v[:, :, :g], allowed)                 # O(N · g)
-    return merge_attention_parts([(out, lse), part])[0]
+    return merge_pair(out, lse, *part)

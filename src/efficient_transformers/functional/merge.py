@@ -139,6 +139,17 @@ def merge_attention_parts(parts):
     return out.to(parts[0][0].dtype), lse
 
 
+def merge_pair(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+               lse_b: torch.Tensor) -> torch.Tensor:
+    """Two parts over disjoint key sets, (out (..., N, d), lse (..., N)) each -> the out of
+    their union, as one interpolation in out's dtype: out_b + σ(lse_a − lse_b) (out_a − out_b).
+    `merge_attention_parts` for two parts without its float32 passes over (..., N, d); the
+    union's lse is not returned. A row empty in both parts gets out_b, with finite gradients."""
+    diff = lse_a - lse_b                                       # −inf − (−inf) = nan: both empty
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("-inf")), diff)
+    return torch.lerp(out_b, out_a, torch.sigmoid(diff).to(out_a.dtype)[..., None])
+
+
 def merge_into_(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,
                 part_lse: torch.Tensor) -> None:
     """In place, no autograd: (out, lse) becomes the union of itself and (part, part_lse), over
