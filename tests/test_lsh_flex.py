@@ -170,3 +170,22 @@ def test_cuda_layer_takes_the_flex_path_eager_and_compiled(causal, monkeypatch):
     assert calls
     compiled = torch.compile(attn)(x)
     assert max_abs_diff(compiled, eager) < 1e-3 * eager.abs().max().item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_flex_path_traces_whole_inside_torch_compile(causal, monkeypatch):
+    """On CUDA a compiled caller traces the flex path (sort, block mask from block indices,
+    FlexAttention bare, merge) in one graph: forced here with FlexAttention itself and
+    `fullgraph=True` (no graph break), forward only (no CPU backward), equal to eager."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    attn = et.build_attention("reformer", dim=32, heads=2, causal=causal, bucket_size=8,
+                              n_hashes=3)
+    x = torch.randn(2, 100, 32)
+    with torch.no_grad():
+        eager = attn(x)
+        monkeypatch.setattr(lsh_flex, "FORCE", flex_attention)
+        torch._dynamo.reset()
+        compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)(x)
+    assert max_abs_diff(compiled, eager) < 1e-5
