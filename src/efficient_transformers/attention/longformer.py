@@ -143,8 +143,8 @@ class LongformerAttention(Attention):
         for dil, heads in groups:
             pattern = LongformerPattern(self.window, dil, self.num_global, self.causal,
                                         global_rows=False, global_cols=False)
-            part = (qs, ks, vs) if heads is None else (t.index_select(1, heads)
-                                                       for t in (qs, ks, vs))
+            part = (qs, ks, vs) if heads is None else tuple(t.index_select(1, heads)
+                                                            for t in (qs, ks, vs))
             out = flex_or_none(*part, pattern, mask, return_lse=bool(g))
             if out is None:
                 return None
