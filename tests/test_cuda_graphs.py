@@ -55,7 +55,8 @@ def test_a_case_times_the_replay_of_what_it_captured(mode, monkeypatch):
     the replay's difference from the eager step."""
     seen = {"replays": 0}
 
-    def fake_graphed_step(fn, result, between, device, warmup):
+    def fake_graphed_step(fn, result, between, device, warmup, module):
+        seen["module"] = module
         if between is not None:
             between()
         fn()
@@ -77,6 +78,20 @@ def test_a_case_times_the_replay_of_what_it_captured(mode, monkeypatch):
     assert seen["replays"] == 1 + 3   # the memory run's replay, then the timed ones
     assert seen["result"].shape == (2, 64, 32)   # the output, or x.grad: both (B, N, dim)
     assert seen["clears"] == (mode == "fwdbwd")
+    assert isinstance(seen["module"], torch.nn.Module)   # its buffers restored before capture
+
+
+def test_module_state_puts_moved_buffers_back():
+    """A training step of routing_transformer moves its centroids (a new tensor each step);
+    `module_state` taken before puts them back."""
+    torch.manual_seed(0)
+    attn = et.build_attention("routing_transformer", dim=32, heads=2, num_clusters=3)
+    before = attn.centroids.clone()
+    restore = cuda_graphs.module_state(attn)
+    attn(torch.randn(2, 40, 32)).sum().backward()
+    assert not torch.equal(attn.centroids, before)
+    restore()
+    assert torch.equal(attn.centroids, before)
 
 
 @pytest.mark.gpu

@@ -44,23 +44,42 @@ def check_replay(replayed: torch.Tensor, eager: torch.Tensor) -> float:
     return err
 
 
+def module_state(module: torch.nn.Module) -> Callable[[], None]:
+    """A copy of the module's buffers now -> a function that puts them back. A training step
+    may move buffers (routing's k-means centroids): the eager step that the replay is checked
+    against and the captured step must start from the same ones."""
+    saved = [(m, name, b.clone()) for m in module.modules() for name, b in m._buffers.items()
+             if b is not None]
+
+    def restore() -> None:
+        for m, name, b in saved:
+            m._buffers[name] = b
+
+    return restore
+
+
 def graphed_step(fn: Callable[[], object], result: Callable[[], torch.Tensor],
-                 between: Callable[[], None] | None, device: torch.device,
-                 warmup: int) -> tuple[Callable[[], None], float]:
+                 between: Callable[[], None] | None, device: torch.device, warmup: int,
+                 module: torch.nn.Module | None = None) -> tuple[Callable[[], None], float]:
     """Capture `fn` (a forward or a forward + backward) in a CUDA graph after warm-up.
 
     result(): the tensor the step produces (read after a run: the output, or x.grad);
-    between(): clears gradients (set to None) before a run, or None.
+    between(): clears gradients (set to None) before a run, or None; module: the layer, whose
+    buffers the capture starts from as the last eager step did.
     -> (replay, relative difference of the replay's result from the eager step's)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(max(warmup, WARMUP)):
+        for i in range(max(warmup, WARMUP)):
+            if i == max(warmup, WARMUP) - 1 and module is not None:
+                restore = module_state(module)   # before the step the replay is checked against
             if between is not None:
                 between()
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     eager = result().detach().clone()
+    if module is not None:
+        restore()
     if between is not None:
         between()  # the captured backward allocates the gradients in the graph's pool
     graph = torch.cuda.CUDAGraph()

@@ -221,7 +221,8 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             if case.get("cuda_graphs"):
                 times, peak_bytes, method, result["replay_error"] = _timed_graph(
-                    forward, lambda: last["y"], None, device, case, start_peak, clock, host)
+                    forward, lambda: last["y"], None, device, case, start_peak, clock, host,
+                    layer)
             else:
                 times, peak_bytes, method = _timed(forward, device, warmup, repeats,
                                                    start_peak, clock=clock, host_times=host)
@@ -229,7 +230,7 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         step, clear = training_step(layer, x)
         if case.get("cuda_graphs"):
             times, peak_bytes, method, result["replay_error"] = _timed_graph(
-                step, lambda: x.grad, clear, device, case, start_peak, clock, host)
+                step, lambda: x.grad, clear, device, case, start_peak, clock, host, layer)
         else:
             times, peak_bytes, method = _timed(step, device, warmup, repeats, start_peak,
                                                between=clear, clock=clock, host_times=host)
@@ -249,14 +250,14 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _timed_graph(fn, result, between, device, case, start_peak, clock, host):
+def _timed_graph(fn, result, between, device, case, start_peak, clock, host, layer):
     """`--cuda-graphs`: warm-up and one capture (`cuda_graphs.graphed_step`), then the timed
     replays -> (times, peak bytes over the warm-up and the capture, method, the replay's
     relative difference from the eager step)."""
     from .cuda_graphs import graphed_step
 
     peak = start_peak()
-    replay, err = graphed_step(fn, result, between, device, case["warmup"])
+    replay, err = graphed_step(fn, result, between, device, case["warmup"], layer)
     peak_bytes, method = peak.peak_bytes(), peak.method
     times, _, _ = _timed(replay, device, 0, case["repeats"], start_peak, clock=clock,
                          host_times=host)
