@@ -17,7 +17,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional import lsh_flex
 from efficient_transformers.functional.lsh import (
-    RoundSort, lsh_attention, lsh_buckets, random_rotations, round_locations,
+    RoundSort, lsh_attention, lsh_buckets, random_rotations,
 )
 from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask
 
@@ -89,10 +89,9 @@ def test_the_block_mask_lists_every_block_that_holds_a_pair(causal, chunk, block
     gen = torch.Generator().manual_seed(chunk)
     buckets = torch.randint(0, n_buckets, (1, 2, rounds, p), generator=gen)
     sort = RoundSort(buckets)
-    locations, window = round_locations(buckets, sort.rank, chunk, causal, n_buckets)
-    locations = locations.permute(0, 1, 3, 2).reshape(-1, rounds).index_select(0, sort.flat)
+    locations, window = sort.sorted_locations(chunk, causal, n_buckets)
     locations = locations.view(1, 2 * rounds, p, rounds)[..., :rounds - 1].long()
-    sorted_buckets = buckets.gather(-1, sort.order).view(1, 2 * rounds, p)
+    sorted_buckets = sort.sorted_buckets().view(1, 2 * rounds, p)
     mask_mod = lsh_flex._pair_mask_mod(sorted_buckets, locations, rounds, chunk, causal, window)
     block_mask = lsh_flex.chunk_block_mask(p, chunk, causal, mask_mod, block, "cpu")
     i = torch.arange(p)[:, None]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..functional.global_local import (
-    DilatedWindow, LongformerPattern, dense_rows, flex_or_none, gather_global,
+    DilatedWindow, LongformerPattern, dense_rows, dilation_groups, flex_or_none, gather_global,
     grouped_dilated_attention, local_block_size, longformer_attention, merge_global_keys,
 )
 from ..functional.folded_cross import key_folded_attention
@@ -59,7 +59,6 @@ class LongformerAttention(Attention):
             dilations = (check_positive_int("dilation", dilation),) * heads
         self.dilation, self.dilations = dilation, dilations
         self.block = local_block_size(window)
-        self._groups: dict = {}   # device -> `_head_groups`
         self.to_qkv = nn.Linear(dim, 3 * dim)          # Qs, Ks, Vs
         self.to_q_global = nn.Linear(dim, dim)         # Qg
         self.to_kv_global = nn.Linear(dim, 2 * dim)    # Kg, Vg
@@ -138,7 +137,7 @@ class LongformerAttention(Attention):
         if not use_flex(qs):
             return None
         g = min(self.num_global, qs.shape[2])
-        groups, inverse = self._head_groups(qs.device)
+        groups, inverse = dilation_groups(self.dilations, qs.device)
         outs, lses = [], []
         for dil, heads in groups:
             pattern = LongformerPattern(self.window, dil, self.num_global, self.causal,
@@ -158,22 +157,6 @@ class LongformerAttention(Attention):
         if not g:
             return out
         return merge_global_keys(out, lse, qs, ks, vs, g, mask, self.causal)
-
-    def _head_groups(self, device):
-        """([(dilation, its heads as an index tensor, or None for all heads)], the inverse of
-        the groups' head order or None), the tensors made once per device: no host-to-device
-        copy in a step (a CUDA graph could not capture one)."""
-        key = str(device)
-        if key not in self._groups:
-            dils = sorted(set(self.dilations))
-            if len(dils) == 1:
-                self._groups[key] = ([(dils[0], None)], None)
-            else:
-                heads = [[i for i, x in enumerate(self.dilations) if x == d] for d in dils]
-                order = torch.tensor([h for group in heads for h in group], device=device)
-                self._groups[key] = ([(d, torch.tensor(h, device=device))
-                                      for d, h in zip(dils, heads)], torch.argsort(order))
-        return self._groups[key]
 
     def _finish_flex(self, x, out, mask):
         g = min(self.num_global, x.shape[1])

@@ -67,18 +67,20 @@ def graphed_step(fn: Callable[[], object], result: Callable[[], torch.Tensor],
     between(): clears gradients (set to None) before a run, or None; module: the layer, whose
     buffers the capture starts from as the last eager step did.
     -> (replay, relative difference of the replay's result from the eager step's)."""
+    runs = max(warmup, WARMUP)
+    restore = None
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for i in range(max(warmup, WARMUP)):
-            if i == max(warmup, WARMUP) - 1 and module is not None:
+        for i in range(runs):
+            if i == runs - 1 and module is not None:
                 restore = module_state(module)   # before the step the replay is checked against
             if between is not None:
                 between()
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     eager = result().detach().clone()
-    if module is not None:
+    if restore is not None:
         restore()
     if between is not None:
         between()  # the captured backward allocates the gradients in the graph's pool

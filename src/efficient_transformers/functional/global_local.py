@@ -351,26 +351,43 @@ def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(2, index[:, None, :, None].expand(b, h, index.shape[1], d))
 
 
+_DILATION_GROUPS: dict = {}
+
+
+def dilation_groups(dilations, device):
+    """Heads grouped by dilation: ([(dilation, its heads as an index tensor)], the inverse of
+    the groups' head order), or ([(dilation, None)], None) when every head has the same one.
+    Made once per (dilations, device): no host-to-device copy in a step, which a CUDA graph
+    could not capture."""
+    key = (tuple(dilations), str(device))
+    if key not in _DILATION_GROUPS:
+        dils = sorted(set(dilations))
+        if len(dils) == 1:
+            _DILATION_GROUPS[key] = ([(dils[0], None)], None)
+        else:
+            heads = [[i for i, x in enumerate(dilations) if x == d] for d in dils]
+            order = torch.tensor([i for group in heads for i in group], device=device)
+            _DILATION_GROUPS[key] = ([(d, torch.tensor(h, device=device))
+                                      for d, h in zip(dils, heads)], torch.argsort(order))
+    return _DILATION_GROUPS[key]
+
+
 def grouped_dilated_attention(q, k, v, window: int, dilations, causal: bool, key_mask, block: int,
                               extra_k=None, extra_v=None, extra_allowed=None,
                               scale: float | None = None) -> torch.Tensor:
     """`dilated_local_attention` with one dilation per head (len(dilations) == H): the heads are
-    grouped by dilation value (a handful of groups) and each group runs once."""
-    groups = sorted(set(dilations))
-    if len(groups) == 1:
-        return dilated_local_attention(q, k, v, window, groups[0], causal, key_mask, block,
+    grouped by dilation value (a handful of groups, `dilation_groups`) and each group runs once."""
+    groups, inverse = dilation_groups(dilations, q.device)
+    if inverse is None:
+        return dilated_local_attention(q, k, v, window, groups[0][0], causal, key_mask, block,
                                        extra_k, extra_v, extra_allowed, scale=scale)
-    outs, order = [], []
-    for dil in groups:
-        heads = [i for i, x in enumerate(dilations) if x == dil]
-        sel = torch.tensor(heads, device=q.device)
+    outs = []
+    for dil, sel in groups:
         ek = None if extra_k is None else extra_k[:, sel]
         ev = None if extra_v is None else extra_v[:, sel]
         ea = extra_allowed if extra_allowed is None or extra_allowed.shape[1] == 1 else extra_allowed[:, sel]
         outs.append(dilated_local_attention(q[:, sel], k[:, sel], v[:, sel], window, dil, causal,
                                             key_mask, block, ek, ev, ea, scale=scale))
-        order += heads
-    inverse = torch.argsort(torch.tensor(order, device=q.device))
     return torch.cat(outs, dim=1)[:, inverse]
 
 

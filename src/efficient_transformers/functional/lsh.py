@@ -245,20 +245,19 @@ def round_locations(buckets, rank, chunk, causal, n_buckets):
     return (buckets * big + loc).to(kind), window
 
 
-def _blocked_pairs(buckets, order, rank, flat, chunk, causal, n_buckets):
+def _blocked_pairs(rounds: "RoundSort", chunk, causal, n_buckets):
     """(B, H, R, C, c, 2c) bool: True where a query may not use a window key in that round —
     another bucket, outside the static window, or a pair already attended in an earlier round
     (each pair counted once). Bucket ids are at most n_buckets (the padding bucket)."""
-    b_, h, r, p = buckets.shape
+    b_, h, r, p = rounds.buckets.shape
     c, n_chunks = chunk, p // chunk
-    dev = buckets.device
-    b_q = buckets.to(torch.int32).gather(-1, order).view(b_, h, r, n_chunks, c)
+    dev = rounds.buckets.device
+    b_q = rounds.sorted_buckets().to(torch.int32).view(b_, h, r, n_chunks, c)
     blocked = b_q[..., :, None] != _look_back(b_q[..., None])[..., None, :, 0]
     blocked |= ~_static_mask(n_chunks, c, causal, dev)
     if r == 1:
         return blocked
-    loc, _ = round_locations(buckets, rank, c, causal, n_buckets)
-    loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, flat)  # all rounds' locs
+    loc, _ = rounds.sorted_locations(c, causal, n_buckets)                   # all rounds' locs
     loc_q = loc.view(b_, h, r, n_chunks, c, r)
     loc_k = _look_back(loc_q)
     shift = c.bit_length() - 1 if causal and c & (c - 1) == 0 else None
@@ -287,6 +286,7 @@ class RoundSort:
     def __init__(self, buckets: torch.Tensor):
         b_, h, r, p = buckets.shape
         dev = buckets.device
+        self.buckets = buckets
         positions = torch.arange(p, device=dev)
         self.order = sort_by_bucket(buckets)
         self.rank = torch.empty_like(self.order).scatter_(-1, self.order,
@@ -297,6 +297,18 @@ class RoundSort:
         self.to_slot = (self.rank + slot0).reshape(-1)
         self.from_slot = (self.order + slot0).reshape(-1)
         self.shape = (b_ * h, r, p)
+
+    def sorted_buckets(self) -> torch.Tensor:
+        """(B, H, R, P): each round's bucket ids in its sorted order."""
+        return self.buckets.gather(-1, self.order)
+
+    def sorted_locations(self, chunk: int, causal: bool, n_buckets: int):
+        """(the location in every round of the token at each sorted slot (B, H, R, P, R),
+        (lo, hi)): `round_locations` read in each round's sorted order."""
+        b_, h, r, p = self.buckets.shape
+        loc, window = round_locations(self.buckets, self.rank, chunk, causal, n_buckets)
+        loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, self.flat)
+        return loc.view(b_, h, r, p, r), window
 
     def sorted_rows(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
         """x (B·H·P, w) -> (pad + B·H·R·P, w): every round's sorted order after `pad` zero rows."""
@@ -342,8 +354,7 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chun
     packed = rounds.sorted_rows(rows_in.reshape(-1, 2 * d + e), pad=c)
     if n_buckets is None:
         n_buckets = int(buckets.max())
-    blocked = _blocked_pairs(buckets, rounds.order, rounds.rank, rounds.flat, c, causal,
-                             n_buckets)
+    blocked = _blocked_pairs(rounds, c, causal, n_buckets)
     out_s, lse_s = _ChunkWindowAttention.apply(packed, blocked.flatten(0, 3), d)  # (M, c, e)
     del blocked
     lse_s = lse_s.masked_fill(lse_s < torch.finfo(lse_s.dtype).min / 2, float("-inf"))

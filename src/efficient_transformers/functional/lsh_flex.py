@@ -13,7 +13,7 @@ backward takes the gradient through both.
 
 Tables the mask_mod reads (padded to whole blocks so that no lookup reads past the end):
 buckets in sorted order (B, H·R, P') and, for rounds s < R - 1, every sorted slot's location in
-round s (B, H·R, P', R - 1) (`round_locations`).
+round s (B, H·R, P', R - 1) (`RoundSort.sorted_locations`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .flex import flex_callable, flex_with_lse
-from .lsh import RoundSort, round_locations
+from .lsh import RoundSort
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key)
 FORCE = None  # tests: a flex_attention callable (its eager reference) reformer uses on any device
@@ -93,11 +93,10 @@ def lsh_attention_flex(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     q_s, k_s, v_s = packed.split([d, d, e], dim=-1)
 
     pad = (-p) % block
-    sorted_buckets = buckets.gather(-1, rounds.order).view(b_, h * r, p)
+    sorted_buckets = rounds.sorted_buckets().view(b_, h * r, p)
     sorted_buckets = F.pad(sorted_buckets, (0, pad), value=-1)              # (B, H·R, P')
-    locations, window = round_locations(buckets, rounds.rank, chunk, causal, n_buckets)
+    locations, window = rounds.sorted_locations(chunk, causal, n_buckets)
     if r > 1:
-        locations = locations.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, rounds.flat)
         locations = locations.view(b_, h * r, p, r)[..., :r - 1]
         locations = F.pad(locations, (0, 0, 0, pad))                        # (B, H·R, P', R-1)
         if locations.dtype == torch.int16:
