@@ -53,9 +53,13 @@ PART_SETS = [("axial", False), ("axial", True), ("union", False), ("union", True
              ("local", False), ("local", True), ("column", False), ("column", True)]
 
 
+@pytest.mark.parametrize("shared_keys", [True, False])
 @pytest.mark.parametrize("grid", [(5, 8), (6, 6), (2, 3), (1, 7), (9, 1)])
 @pytest.mark.parametrize("kind,causal", PART_SETS)
-def test_grid_flash_equals_dense_oracle_with_gradients(grid, kind, causal):
+def test_grid_flash_equals_dense_oracle_with_gradients(grid, kind, causal, shared_keys,
+                                                        monkeypatch):
+    """Both forms, shared keys taken out again (the default) and every rule as its own pieces."""
+    monkeypatch.setattr(grid_flash, "SHARED_KEYS", shared_keys)
     parts = (axial_grid_parts(grid, causal) if kind == "axial"
              else strided_grid_parts(causal, kind))
     allowed = union_mask(grid, parts)
@@ -78,6 +82,64 @@ def test_rules_become_one_or_two_pieces():
     pieces = grid_pieces([(1, "all", 0), (0, "far", 0), (1, "not_before", -1)])
     assert [(p.axis, p.offset, p.direction, p.gap) for p in pieces] == [
         (1, 0, "all", 0), (0, 0, "before", 2), (0, 0, "after", 2), (1, -1, "after", 0)]
+
+
+def test_column_rules_with_covered_keys_become_whole_columns():
+    """"other" and "far" columns run whole where the keys they leave out are in row parts: the
+    non-causal unions lose a piece and a reversed piece; the own position is shared."""
+    axial, shared = grid_flash.shared_form(axial_grid_parts((5, 8), False), 8)
+    assert sorted(axial) == [(0, "all", 0), (1, "all", 0)] and shared == (0,)
+    union, shared = grid_flash.shared_form(strided_grid_parts(False, "union"), 8)
+    assert sorted(union) == [(0, "all", 0), (1, "after", -1), (1, "all", 0), (1, "before", 1)]
+    assert shared == (0,)
+    before = grid_pieces(strided_grid_parts(False, "union"))
+    after = grid_pieces(union)
+    assert (len(before), len(after)) == (5, 4)
+    assert [p.direction for p in after].count("after") == 1
+    shared_rows = [(1, "all", 0), (1, "all", -1), (1, "all", 1), (0, "far", 0)]
+    assert grid_flash.shared_form(shared_rows, 8) == (
+        [(1, "all", 0), (1, "all", -1), (1, "all", 1), (0, "all", 0)], (-8, 0, 8))
+    for parts in (axial_grid_parts((5, 8), True), strided_grid_parts(True, "union"),
+                  [(0, "other", 0)], [(1, "before", 0), (0, "other", 0)],
+                  [(1, "all", 0), (1, "all", -1), (0, "far", 0)]):   # row +1 not covered
+        assert grid_flash.shared_form(parts, 8) == (parts, ())
+
+
+@pytest.mark.parametrize("shared_keys", [True, False])
+@pytest.mark.parametrize("grid", [(5, 8), (2, 3), (1, 7), (9, 1)])
+def test_shared_neighbour_rows_equal_the_oracle_with_gradients(grid, shared_keys, monkeypatch):
+    """A far column beside whole neighbouring rows: three shared offsets (0, ±C)."""
+    monkeypatch.setattr(grid_flash, "SHARED_KEYS", shared_keys)
+    parts = [(1, "all", 0), (1, "all", -1), (1, "all", 1), (0, "far", 0)]
+    allowed = union_mask(grid, parts)
+    q, k, v = (torch.randn(2, 3, math.prod(grid), 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out, lse = grid_flash_attention(q, k, v, grid, parts)
+    want, want_lse = dense(q, k, v, allowed)
+    assert max_abs_diff(out, want) < 1e-12 and max_abs_diff(lse, want_lse) < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    expected = torch.autograd.grad((want * g).sum(), (q, k, v))
+    for a, b in zip(got, expected):
+        assert max_abs_diff(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["axial", "union"])
+def test_shared_keys_in_bf16_are_close_to_float64_with_gradients(kind):
+    grid = (16, 16)
+    parts = axial_grid_parts(grid, False) if kind == "axial" else strided_grid_parts(False, kind)
+    assert grid_flash.shared_form(parts, 16)[1]
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn(1, 2, 256, 16, dtype=torch.float64)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out, _ = grid_flash_attention(*low, grid, parts)
+    want, _ = dense(q, k, v, union_mask(grid, parts))
+    got = torch.autograd.grad((out * g.bfloat16()).sum(), low)
+    expected = torch.autograd.grad((want * g).sum(), (q, k, v))
+    assert max_abs_diff(out.double(), want) < 2e-2 * want.abs().max().item()
+    for a, b in zip(got, expected):
+        assert max_abs_diff(a.double(), b) < 3e-2 * b.abs().max().item()
 
 
 def test_bf16_is_close_to_float64():

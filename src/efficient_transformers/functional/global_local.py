@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from .blocks import pad_mask_to_multiple, pad_to_multiple
 from .eager import outside_graphs
+from .flash import flash_rows, merge_flash_keys, uses_flash_keys
+from .merge import attention_with_lse, merge_pair, stat_dtype
 from .patterns import LocalWindow, Pattern, unique_blocks
 
 NEG_INF = float("-inf")
@@ -167,6 +169,9 @@ class BigBirdPattern(Pattern):
 
 
 # ------------------------------------------------------------------------------ core compute
+EXPLICIT_ROWS: bool | None = None   # `dense_rows`' form; None: explicit on CUDA (cuda_paths)
+
+
 def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                scale: float | None = None, explicit: bool | None = None) -> torch.Tensor:
     """A few query rows against all keys: q (B, H, G, d), k, v (B, H, M, d), allowed bool
@@ -177,12 +182,13 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
     `merge.attention_with_lse` (only the probabilities saved), a float one through autograd
     (its gradient reaches the mask, e.g. ETC's learned biases). On the CPU through
     `scaled_dot_product_attention`, whose kernels keep no (G, M) scores. `explicit` forces
-    either (None: explicit on CUDA)."""
-    from .merge import attention_with_lse, stat_dtype
-
+    either (None: `EXPLICIT_ROWS`, or where that is None, explicit on CUDA). Without any mask
+    `flash.flash_rows` does better on CUDA (`global_rows` takes it)."""
     if allowed.dtype == torch.bool:
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    if not (q.is_cuda if explicit is None else explicit):
+    if explicit is None:
+        explicit = q.is_cuda if EXPLICIT_ROWS is None else EXPLICIT_ROWS
+    if not explicit:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     if allowed.dtype == torch.bool:
         return attention_with_lse(q, k, v, allowed, scale)[0]
@@ -594,8 +600,11 @@ def _global_allowed(n_q: int, n_k: int, key_mask, causal: bool, device):
 
 def global_rows(q_rows, k, v, key_mask=None, causal: bool = False) -> torch.Tensor:
     """The first g queries q_rows (B, H, g, d) against every real key (B, H, N, d) (causal:
-    j <= i) -> (B, H, g, d), by `dense_rows`."""
+    j <= i) -> (B, H, g, d), by `dense_rows`, or without a mask or causal rule on CUDA by
+    `flash.flash_rows` (the keys in chunks as extra heads)."""
     allowed = _global_allowed(q_rows.shape[2], k.shape[2], key_mask, causal, q_rows.device)
+    if allowed is None and uses_flash_keys(q_rows):
+        return flash_rows(q_rows, k, v)
     if allowed is None:
         allowed = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
     return dense_rows(q_rows, k, v, allowed)
@@ -604,9 +613,11 @@ def global_rows(q_rows, k, v, key_mask=None, causal: bool = False) -> torch.Tens
 def merge_global_keys(out, lse, q, k, v, g: int, key_mask=None, causal: bool = False):
     """FlexAttention's (out (B, H, N, d), lse (B, H, N)) over a pattern without the global
     columns, merged by log-sum-exp with every query's attention to the first g keys of k, v
-    (B, H, N, d) (causal: j <= i) -> (B, H, N, d): one softmax over the union."""
-    from .merge import attention_with_lse, merge_pair
-
+    (B, H, N, d) (causal: j <= i) -> (B, H, N, d): one softmax over the union. Without a mask
+    or a causal rule, on CUDA, the g keys are one FlashAttention call (`flash.merge_flash_keys`).
+    """
     allowed = _global_allowed(q.shape[2], g, key_mask, causal, q.device)
+    if allowed is None and uses_flash_keys(q):
+        return merge_flash_keys(out, lse, q, k[:, :, :g], v[:, :, :g])
     part = attention_with_lse(q, k[:, :, :g], v[:, :, :g], allowed)                 # O(N · g)
     return merge_pair(out, lse, *part)

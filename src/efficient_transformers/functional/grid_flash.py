@@ -17,6 +17,22 @@ of its own (it recomputes P = exp(s − lse) and uses D = rowsum(dO ∘ O)), so 
 gradients add up. Saved: q, k, v, out, lse; nothing (lines, n, n) is kept, and on CUDA nothing
 of that size is written either (on the CPU the flash kernel works in tiles as well).
 
+A reversed piece ("after") costs a reversed copy of q, k, v, out and lse, forward and backward
+(28 copies for the non-causal strided union: 3 of its 15 GiB at 64k bf16 by `bench/traffic.py`).
+So a column rule that leaves out only keys the row parts have ("other": the query's own
+position; "far": also the same column one row up and down) runs as the whole column instead,
+one piece, not reversed (`shared_form`, `SHARED_KEYS`). A neighbouring row's part then leaves
+that column out where its rule has such a form ("causal" -> "before", "not_before" -> "after",
+still one piece); a key left in two parts (the query's own position) is *shared*, and its second
+count is taken out afterwards: key i + δ for each shared offset δ. The non-causal strided union
+becomes 4 pieces, one reversed, one shared offset (was 5 and 2); non-causal axial 2 pieces, none
+reversed (was 3 and 1). With w_δ = exp(s_{i,i+δ} − lse₂), lse₂ and out₂ the union's with the
+shared keys twice, the union is out = (out₂ − Σ w_δ v_{i+δ}) / (1 − Σ w_δ), lse = lse₂ +
+log(1 − Σ w_δ); Σ w_δ <= 1/2 (each shared key is also in the sum once more), so nothing cancels badly. The backward subtracts each shared pair's second gradient, from P_{i,i+δ}
+= exp(s − lse): dv_j −= P dO_i, dq_i −= scale·dS k_j, dk_j −= scale·dS q_i, dS = P (dO_i·v_j −
+rowsum(dO_i ∘ out_i)). The scores s_{i,i+δ} are row dot products, multiplied in the input's
+dtype and summed in float32 (in bf16 the products are rounded, as the output is).
+
 `uses_grid_flash(q)` says where callers take it: on CUDA, where FlashAttention runs (bf16 /
 fp16, head dim a multiple of 8 up to 256) and the explicit line path writes every (n × n) score
 block several times over (axial and the strided Sparse Transformer at 64k bf16: 45 and 71 GiB
@@ -35,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .flash import flash_available, flash_backward, flash_forward
 from .merge import merge_into_, stat_dtype
 
 # rule along the axis -> pieces (direction, gap): "before" keeps key <= query − gap,
@@ -45,6 +62,7 @@ RULE_PIECES = {
     "before": (("before", 1),),
     "far_before": (("before", 2),),
     "not_before": (("after", 0),),
+    "after": (("after", 1),),
     "other": (("before", 1), ("after", 1)),
     "far": (("before", 2), ("after", 2)),
 }
@@ -64,40 +82,44 @@ def grid_pieces(parts) -> list[Piece]:
             for axis, rule, offset in parts for direction, gap in RULE_PIECES[rule]]
 
 
+# a column rule -> the row offsets of the keys it leaves out that "all" would add
+COLUMN_EXCLUDES = {"other": (0,), "far": (-1, 0, 1)}
+HAS_OWN_COLUMN = ("all", "causal", "not_before")   # row rules that keep key column == query's
+WITHOUT_OWN_COLUMN = {"causal": "before", "not_before": "after"}   # the same, that column left
+SHARED_KEYS = True   # False: every rule as its own pieces (the reference of the shared form)
+
+
+def shared_form(parts, columns: int):
+    """[(axis, rule, offset), ...] disjoint -> (parts, shared key offsets), the same union with
+    fewer pieces: each column rule of COLUMN_EXCLUDES whose left-out keys (row offset Δ, same
+    column) all lie in row parts becomes "all"; a neighbouring row's part then leaves that column
+    out (one piece either way) where its rule has such a form, else the key is shared (in two
+    parts) and its sequence offset Δ·C listed."""
+    if not SHARED_KEYS:
+        return list(parts), ()
+    rows = {offset: rule for axis, rule, offset in parts if axis == 1}
+    rewritten, shared = {}, []
+    for axis, rule, offset in parts:
+        excluded = COLUMN_EXCLUDES.get(rule, ()) if axis == 0 and offset == 0 else ()
+        if not excluded or any(rows.get(delta) not in HAS_OWN_COLUMN for delta in excluded):
+            continue
+        rewritten[(axis, rule, offset)] = (0, "all", 0)
+        for delta in excluded:
+            if delta and rows[delta] in WITHOUT_OWN_COLUMN:
+                rewritten[(1, rows[delta], delta)] = (1, WITHOUT_OWN_COLUMN[rows[delta]], delta)
+            else:
+                shared.append(delta * columns)
+    return [rewritten.get(part, part) for part in parts], tuple(sorted(set(shared)))
+
+
 GRID_FLASH: bool | None = None  # None: automatic (`uses_grid_flash`); True / False: forced
-
-
-def grid_flash_available(q: torch.Tensor) -> bool:
-    """True where `grid_flash_attention` can run for q (B, H, N, d): the CPU flash kernel takes
-    every float dtype; CUDA's FlashAttention bf16 / fp16 with d a multiple of 8, at most 256,
-    on an Ampere or newer GPU (compute capability 8.0)."""
-    if not q.is_floating_point():
-        return False
-    if q.device.type == "cpu":
-        return True
-    d = q.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
-            and _cuda_flash(q.device))
-
-
-_CUDA_FLASH: dict[int, bool] = {}  # device index -> FlashAttention runs there (asked once)
-
-
-def _cuda_flash(device: torch.device) -> bool:
-    """FlashAttention built in and the GPU Ampere or newer; asked once per device, so that a
-    compiled caller reads a constant instead of calling into the driver."""
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _CUDA_FLASH:
-        _CUDA_FLASH[index] = (torch.backends.cuda.is_flash_attention_available()
-                              and torch.cuda.get_device_capability(index) >= (8, 0))
-    return _CUDA_FLASH[index]
 
 
 def uses_grid_flash(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
     """True where a caller should take `grid_flash_attention` for q (B, H, N, d): no key mask,
     the kernel available, and on CUDA (or `GRID_FLASH` forced on)."""
     wanted = q.is_cuda if GRID_FLASH is None else GRID_FLASH
-    return wanted and key_mask is None and grid_flash_available(q)
+    return wanted and key_mask is None and flash_available(q)
 
 
 def _axes(t: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,28 +157,6 @@ def _lines(axes, piece: Piece, role: str) -> torch.Tensor:
     return _flipped(_region(axes, piece, role), piece)
 
 
-def _flash_forward(q, k, v, causal: bool, scale: float):
-    """-> (out, lse, what the CUDA backward needs)"""
-    if q.is_cuda:
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
-            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
-                                                                scale=scale)
-        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
-                                                                         scale=scale)
-    return out, lse, None
-
-
-def _flash_backward(d_out, q, k, v, out, lse, causal: bool, scale: float, aux):
-    if q.is_cuda:
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            d_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset,
-            scale=scale)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        d_out, q, k, v, out, lse, 0.0, causal, scale=scale)
-
-
 def _ordered(pieces, grid):
     """The pieces with at least one line and one position, those that cover every position
     first (no offset, no gap: the merge and the gradients start from them without a pass)."""
@@ -169,9 +169,59 @@ def _covers_all(piece: Piece) -> bool:
     return piece.offset == 0 and piece.gap == 0
 
 
+def _shared_pairs(n: int, shared):
+    """(δ, a, b) per shared offset: queries a <= i < b have the key i + δ."""
+    return [(delta, max(0, -delta), min(n, n - delta)) for delta in shared
+            if max(0, -delta) < min(n, n - delta)]
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor, stat) -> torch.Tensor:
+    """(B, H, n, e) twice -> rowwise dot products (B, H, n) in `stat`."""
+    return torch.mul(x, y).sum(-1, dtype=stat)
+
+
+def _remove_shared_(q, k, v, out, lse, pairs, scale) -> list[torch.Tensor]:
+    """In place: (out (B, H, N, d), lse (B, H, N)) in a stat dtype, over the union with each
+    shared key twice -> over the union. Returns the shared scores s_{i,i+δ} per pair."""
+    stat = out.dtype
+    removed = torch.zeros_like(lse)                                   # Σ_δ w_δ  (B, H, N)
+    scores = []
+    for delta, a, b in pairs:
+        s = _row_dots(q[:, :, a:b], k[:, :, a + delta:b + delta], stat).mul_(scale)
+        w = torch.exp(s - lse[:, :, a:b])                             # (B, H, b − a)
+        out[:, :, a:b].addcmul_(v[:, :, a + delta:b + delta], w[..., None], value=-1.0)
+        removed[:, :, a:b].add_(w)
+        scores.append(s)
+    kept = removed.neg_().add_(1.0)                                   # 1 − Σ w_δ >= 1/2
+    out.div_(kept[..., None])
+    lse.add_(kept.log_())
+    return scores
+
+
+def _remove_shared_grads_(grads, d_out, q, k, v, out, lse, pairs, scores, scale) -> None:
+    """In place in grads (dq, dk, dv): take out the second count of each shared pair."""
+    d_q, d_k, d_v = grads
+    stat = lse.dtype
+    shift = _row_dots(d_out, out, stat)                               # rowsum(dO ∘ O) (B, H, N)
+    for (delta, a, b), s in zip(pairs, scores):
+        rows, keys = slice(a, b), slice(a + delta, b + delta)
+        p = torch.exp(s - lse[:, :, rows])                            # P_{i,i+δ} (B, H, b − a)
+        d_v[:, :, keys].addcmul_(d_out[:, :, rows], p[..., None], value=-1.0)
+        d_s = (_row_dots(d_out[:, :, rows], v[:, :, keys], stat) - shift[:, :, rows]).mul_(p)
+        d_s = d_s.mul_(scale)[..., None]
+        d_q[:, :, rows].addcmul_(k[:, :, keys], d_s, value=-1.0)
+        d_k[:, :, keys].addcmul_(q[:, :, rows], d_s, value=-1.0)
+
+
+def _grid_order(lines: torch.Tensor, axis: int, shape) -> torch.Tensor:
+    """A whole-grid piece's tensor (B·H, lines, n, e) along `axis` -> (B, H, N, e) in grid order
+    (a view for rows where the kernel wrote it dense, else a copy)."""
+    return (lines if axis == 1 else lines.transpose(1, 2)).reshape(shape)
+
+
 class _GridFlash(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, grid, pieces, scale):
+    def forward(ctx, q, k, v, grid, pieces, shared, scale):
         stat = stat_dtype(q.dtype)
         first_full = _covers_all(pieces[0])   # then it starts the merge: no zeros to fill
         out = (torch.empty if first_full else torch.zeros)(q.shape, dtype=stat,
@@ -181,7 +231,7 @@ class _GridFlash(torch.autograd.Function):
         out_axes, lse_axes = _axes(out, grid), _axes(lse[..., None], grid)
         auxes = []
         for index, piece in enumerate(pieces):
-            part, part_lse, aux = _flash_forward(
+            part, part_lse, aux = flash_forward(
                 _lines(q_axes, piece, "q"), _lines(k_axes, piece, "k"),
                 _lines(v_axes, piece, "k"), piece.direction != "all", scale)
             auxes.append(aux)
@@ -192,6 +242,8 @@ class _GridFlash(torch.autograd.Function):
                 acc_lse.copy_(part_lse)
                 continue
             merge_into_(acc, acc_lse, part, part_lse)   # each query of the piece has a key here
+        ctx.pairs = _shared_pairs(q.shape[2], shared)
+        ctx.shared_scores = _remove_shared_(q, k, v, out, lse, ctx.pairs, scale)
         out = out.to(q.dtype)
         ctx.grid, ctx.pieces, ctx.scale, ctx.auxes = grid, pieces, scale, auxes
         ctx.save_for_backward(q, k, v, out, lse)
@@ -204,25 +256,25 @@ class _GridFlash(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         grid, pieces = ctx.grid, ctx.pieces
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        # the pieces' gradients add up in the input's dtype, as autograd adds a tensor's uses
-        first_full = _covers_all(pieces[0])
-        grads = [(torch.empty if first_full else torch.zeros)(t.shape, dtype=t.dtype,
-                                                              device=t.device) for t in (q, k, v)]
+        # the pieces' gradients add up in the input's dtype, as autograd adds a tensor's uses;
+        # a first piece that covers every position starts the sums with its own gradients
+        grads = None if _covers_all(pieces[0]) else [torch.zeros_like(t) for t in (q, k, v)]
         inputs = [_axes(t, grid) for t in (d_out, q, k, v, out, lse[..., None])]
-        grad_axes = [_axes(t, grid) for t in grads]
-        for index, (piece, aux) in enumerate(zip(pieces, ctx.auxes)):
+        for piece, aux in zip(pieces, ctx.auxes):
             d_out_l, q_l, k_l, v_l, out_l, lse_l = (
                 _lines(axes, piece, role) for axes, role in zip(inputs, "qqkkqq"))
-            piece_grads = _flash_backward(d_out_l, q_l, k_l, v_l, out_l,
+            piece_grads = flash_backward(d_out_l, q_l, k_l, v_l, out_l,
                                           lse_l[..., 0].contiguous(),   # FA2 reads it dense
                                           piece.direction != "all", ctx.scale, aux)
-            for axes, g, role in zip(grad_axes, piece_grads, "qkk"):
-                region, g = _region(axes, piece, role), _flipped(g, piece)
-                if index == 0 and first_full:
-                    region.copy_(g)
-                else:
-                    region.add_(g)
-        return (*grads, None, None, None)
+            if grads is None:
+                grads = [_grid_order(g, piece.axis, t.shape) for g, t in zip(piece_grads, (q, k, v))]
+                continue
+            for t, g, role in zip(grads, piece_grads, "qkk"):
+                _region(_axes(t, grid), piece, role).add_(_flipped(g, piece))
+        if ctx.pairs:
+            _remove_shared_grads_(grads, d_out, q, k, v, out, lse, ctx.pairs, ctx.shared_scores,
+                                  ctx.scale)
+        return (*grads, None, None, None, None)
 
 
 def grid_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, parts,
@@ -233,8 +285,9 @@ def grid_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid
     if math.prod(grid) != q.shape[2] or len(grid) != 2:
         raise ValueError(f"grid: expected (rows, columns) covering N={q.shape[2]}, got {grid}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    parts, shared = shared_form(parts, grid[1])
     pieces = _ordered(grid_pieces(parts), grid)
     if not pieces:   # no query has a key
         return q.mul(0.0), q.new_full(q.shape[:3], float("-inf"), dtype=stat_dtype(q.dtype))
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _GridFlash.apply(q, k, v, tuple(grid), pieces, scale)
+    return _GridFlash.apply(q, k, v, tuple(grid), pieces, shared, scale)
