@@ -12,13 +12,15 @@
 #   2. the GPU tests (pytest -m gpu), with what is left, at most TEST_BUDGET seconds (default
 #      150); on PYTEST_WORKERS processes (default 4) where pytest-xdist is installed, each test
 #      at most TEST_TIMEOUT seconds (default 90) where pytest-timeout is;
+#   2b. FlexAttention with each fixed pattern's own mask (the references flex_mask:NAME, held
+#      against 1a's mechanisms: `--from-json` of both), at most MASK_S seconds (default 90);
 #   3. a profile at 64k of the mechanisms that missed a target in 1a (bench.json): the top
 #      kernels of their forward+backward, one table each, while time is left.
-# Everything lands in "${OUT:-bench-results}": cuda/, cuda-causal/ and cuda-graphs/ (each
-# bench.{json,csv,md}; plots in cuda/), bench-cuda.log, pytest-gpu.txt, profile/*.txt. With
-# PACK=DIR, DIR also gets after each step bench.json, bench-causal.json, bench-graphs.json,
-# bench.md, the two logs and cuda-results.tar.gz of everything (7 files, no folder), for a
-# machine that returns only a few files.
+# Everything lands in "${OUT:-bench-results}": cuda/, cuda-causal/, cuda-graphs/ and cuda-mask/
+# (each bench.{json,csv,md}; plots in cuda/), bench-cuda.log, pytest-gpu.txt, profile/*.txt.
+# With PACK=DIR, DIR also gets after each step bench.json, bench-causal.json, bench-graphs.json,
+# bench-mask.json, bench.md, the two logs and cuda-results.tar.gz of everything (8 files, no
+# folder), for a machine that returns only a few files.
 #
 #   bash benchmarks/cuda.sh                       # from the repository root
 #   SMOKE=1 bash benchmarks/cuda.sh               # about 3 minutes: 1k and 4k, a few mechanisms
@@ -50,6 +52,7 @@ pack() {
   done
   [ -f "$OUT/cuda-causal/bench.json" ] && cp "$OUT/cuda-causal/bench.json" "$PACK/bench-causal.json"
   [ -f "$OUT/cuda-graphs/bench.json" ] && cp "$OUT/cuda-graphs/bench.json" "$PACK/bench-graphs.json"
+  [ -f "$OUT/cuda-mask/bench.json" ] && cp "$OUT/cuda-mask/bench.json" "$PACK/bench-mask.json"
   tar czf "$PACK/cuda-results.tar.gz" -C "$OUT" . 2>/dev/null
   return 0
 }
@@ -137,6 +140,13 @@ elif [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 pack
 
+# 2b. the same-mask FlexAttention references of the fixed patterns (their mechanisms ran in 1a)
+MASK_MODELS="${MASK_MODELS:-flex_mask:image_transformer,flex_mask:sparse_transformer,flex_mask:axial_transformer,flex_mask:longformer,flex_mask:bigbird}"
+if [ "${MASK:-1}" = 1 ]; then
+  stage "same-mask references" cuda-mask "$(cap "${MASK_S:-90}" $(( $(left) - 30 )))" 40 \
+    --modes fwdbwd --lengths "$LENGTHS" --models "$MASK_MODELS" --no-plots
+fi
+
 # 3. profile the misses of this run, while time is left
 PROFILE_S=$(( $(left) - 15 ))
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "$PROFILE_S" -ge 30 ] && [ -f "$OUT/cuda/bench.json" ]; then
@@ -149,7 +159,7 @@ fi
 pack
 
 # the summary last, where a caller that keeps only the end of the output sees it
-for run in cuda cuda-causal cuda-graphs; do
+for run in cuda cuda-causal cuda-graphs cuda-mask; do
   if [ -f "$OUT/$run/bench.json" ]; then
     "$PY" -m efficient_transformers bench --from-json "$OUT/$run/bench.json" --no-plots \
       --out "${TMPDIR:-/tmp}/$run-summary" 2>&1 | grep -v "^wrote "

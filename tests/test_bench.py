@@ -90,14 +90,24 @@ def test_crossover_is_the_shortest_n_beating_dense_from_there_on():
     assert rows["fast"]["crossover"] == 4096 and rows["slow"]["crossover"] is None
 
 
-def test_cuda_targets_hold_windows_to_flex_and_causal_linear_to_the_chunked_kernel():
+def cuda_analysis(records):
+    """(the analysis of a CUDA run of `records`, its target rows by (goal, subject))."""
     from efficient_transformers.bench.analysis import analyse
 
-    def rec(label, kind, ms_by_n, causal=False):
-        target = label.split(" ")[0]
-        return [{"label": label, "target": target, "kind": kind, "mode": "fwdbwd",
-                 "causal": causal, "n": n, "status": "ok", "time_ms": ms, "peak_mib": 1.0}
-                for n, ms in ms_by_n.items()]
+    an = analyse({"records": records, "config": {"device": "cuda"}})
+    return an, {(t["goal"], t["subject"]): t for t in an["targets"]}
+
+
+def rec(label, kind, ms_by_n, causal=False):
+    """Forward + backward records of one series: {N: ms}."""
+    target = label.split(" ")[0]
+    return [{"label": label, "target": target, "kind": kind, "mode": "fwdbwd",
+             "causal": causal, "n": n, "status": "ok", "time_ms": ms, "peak_mib": 1.0}
+            for n, ms in ms_by_n.items()]
+
+
+def test_cuda_targets_hold_windows_to_flex_and_causal_linear_to_the_chunked_kernel():
+    from efficient_transformers.bench.analysis import analyse
 
     ns = (1024, 4096, 16384, 65536)
     records = (rec("dense_sdpa", "ref", dict(zip(ns, (1, 2, 20, 300))))
@@ -108,8 +118,7 @@ def test_cuda_targets_hold_windows_to_flex_and_causal_linear_to_the_chunked_kern
                # 3x the kernel at 1k does not count (launch-bound); 1.5x at 16k does
                + rec("linear_transformer (causal)", "ours", dict(zip(ns, (9, 3, 6, 6))), True)
                + rec("performer (causal)", "ours", dict(zip(ns, (9, 9, 9, 9))), True))
-    an = analyse({"records": records, "config": {"device": "cuda"}})
-    rows = {(t["goal"], t["subject"]): t for t in an["targets"]}
+    an, rows = cuda_analysis(records)
     linear = rows[("within 1.2x of linear_chunked_causal", "linear_transformer (causal)")]
     assert (linear["met"], linear["detail"]) == (False, "worst 1.50x at N=16384")
     flex = rows[("within 1.2x of flex_window", "longformer")]
@@ -563,3 +572,100 @@ def test_operator_traffic_prices_the_cpu_flash_kernel_by_its_shapes(causal):
     rows = {name.split(".")[0]: row for name, row in counter.rows.items()}
     assert rows["_scaled_dot_product_flash_attention_for_cpu"][2] == forward
     assert rows["_scaled_dot_product_flash_attention_for_cpu_backward"][2] == 2.5 * forward
+
+
+def test_same_mask_target_holds_each_fixed_pattern_to_flex_with_its_own_mask(tmp_path):
+    """A `flex_mask:NAME` reference in the run: NAME (non-causal) is held to it, not to
+    flex_window; its ratios get one table."""
+    from efficient_transformers.bench.report import render_markdown
+
+    ns = (8192, 65536)
+    records = (rec("dense_sdpa", "ref", dict(zip(ns, (2, 60))))
+               + rec("flex_window", "ref", dict(zip(ns, (1, 2))))
+               + rec("flex_mask:longformer", "ref", dict(zip(ns, (2, 10))))
+               + rec("flex_mask:image_transformer", "ref", dict(zip(ns, (1, 2))))
+               + rec("longformer", "ours", dict(zip(ns, (2.2, 4))))
+               + rec("longformer (causal)", "ours", dict(zip(ns, (9, 9))), True)
+               + rec("image_transformer", "ours", dict(zip(ns, (1.3, 2)))))
+    an, rows = cuda_analysis(records)
+    longformer = rows[("within 1.2x of flex_mask:longformer (same mask)", "longformer")]
+    assert (longformer["met"], longformer["detail"]) == (True, "worst 1.10x at N=8192")
+    image = rows[("within 1.2x of flex_mask:image_transformer (same mask)", "image_transformer")]
+    assert (image["met"], image["detail"]) == (False, "worst 1.30x at N=8192")
+    assert not [t for t in an["targets"] if t["goal"].endswith("of flex_window")]
+    assert an["same_mask_ratios"] == {"longformer": {8192: 1.1, 65536: 0.4},
+                                      "image_transformer": {8192: 1.3, 65536: 1.0}}
+    results = run_bench(BenchConfig(models=["transformer"], modes=("fwdbwd",), isolate=False,
+                                    plots=False, out=str(tmp_path), **TINY), write=False)
+    results.update(records=records, analysis=an)
+    text = render_markdown(results, [])
+    assert "## Forward + backward time / FlexAttention with the same mask" in text
+    assert "| `longformer` | 1.10 | 0.40 |" in text
+
+
+def test_same_mask_references_are_named_per_mechanism_and_cuda_only():
+    from efficient_transformers.bench.reference import (SAME_MASK_MECHANISMS, SameMaskFlex,
+                                                        build_reference, cuda_only_note)
+    from efficient_transformers.bench.runner import resolve_targets, target_kind
+
+    assert target_kind("flex_mask:bigbird") == "ref"
+    assert cuda_only_note("flex_mask:bigbird") and cuda_only_note("dense_sdpa") is None
+    cfg = BenchConfig(models=["longformer", "flex_mask:longformer"], progress=False)
+    assert resolve_targets(cfg) == [("ours", "longformer"), ("ref", "flex_mask:longformer")]
+    with pytest.raises(ValueError, match="same-mask references"):
+        resolve_targets(BenchConfig(models=["flex_mask:performer"], progress=False))
+    assert "flex_mask:longformer" not in [n for _, n in resolve_targets(BenchConfig())]
+    for name in SAME_MASK_MECHANISMS:   # each gives one mask at its default options
+        assert isinstance(build_reference(f"flex_mask:{name}", 64, 2, 4096), SameMaskFlex)
+    import efficient_transformers as et
+
+    split = et.build_attention("sparse_transformer", dim=64, heads=2, combine="split")
+    dilated = et.build_attention("longformer", dim=64, heads=2, dilation=[1, 2])
+    assert split.single_pattern(4096) is None and dilated.pattern(4096) is None
+
+
+def test_same_mask_reference_computes_attention_under_the_mechanisms_mask(monkeypatch):
+    """The reference's core (FlexAttention's eager reference here) equals dense attention
+    restricted to the mechanism's pattern, pair by pair."""
+    import torch
+
+    from efficient_transformers.bench.reference import SAME_MASK_MECHANISMS, SameMaskFlex
+    from efficient_transformers.functional import flex
+
+    from torch.nn.attention import flex_attention as module
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
+    for name in SAME_MASK_MECHANISMS:
+        n = 256
+        ref = SameMaskFlex(name, 64, 2, n).double()
+        q, k, v = (torch.randn(1, 2, n, 32, dtype=torch.float64) for _ in range(3))
+        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        allowed = ref.pattern.allows(i, j)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        assert allowed.any(-1).all()
+        got = ref.core(q, k, v)
+        assert (got - want).abs().max().item() < 1e-10, name
+
+
+@pytest.mark.gpu
+def test_same_mask_reference_runs_forward_and_backward_on_cuda():
+    """Each same-mask reference compiles and runs a training step in bf16; its output is
+    attention under the mechanism's mask (masked SDPA in float32 as the oracle)."""
+    import torch
+
+    from efficient_transformers.bench.reference import SAME_MASK_MECHANISMS, build_reference
+
+    for name in SAME_MASK_MECHANISMS:
+        n = 2048
+        ref = build_reference(f"flex_mask:{name}", 128, 2, n).cuda()
+        x = torch.randn(1, n, 128, device="cuda", requires_grad=True)
+        q, k, v = ref.to_qkv(x).view(1, n, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        if hasattr(ref.pattern, "tables"):
+            ref.pattern.tables(x.device)
+        i = torch.arange(n, device="cuda")
+        allowed = ref.pattern.allows(i[:, None], i[None, :])
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        got = ref.core(*(t.bfloat16() for t in (q, k, v)))
+        assert (got.float() - want).abs().max().item() < 3e-2 * want.abs().max().item(), name
+        ref(x).sum().backward()
+        assert torch.isfinite(x.grad).all()

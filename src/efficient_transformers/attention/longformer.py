@@ -129,6 +129,13 @@ class LongformerAttention(Attention):
                                     allowed)                                    # (B, G, H·d)
         return self.split_heads(rows)
 
+    def pattern(self, n: int):
+        """The whole mask (window and the first `num_global` tokens' rows and columns) when
+        every head has one dilation, else None."""
+        if len(set(self.dilations)) != 1:
+            return None
+        return LongformerPattern(self.window, self.dilations[0], self.num_global, self.causal)
+
     def _flex(self, qs, ks, vs, mask):
         """The sliding window through FlexAttention (one call per dilation group), the global
         keys merged in by log-sum-exp (`merge_global_keys`); or None where FlexAttention does

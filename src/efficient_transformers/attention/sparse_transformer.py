@@ -106,6 +106,12 @@ class SparseTransformerAttention(PatternAttention):
         parts = ("union",) if self.combine == "merged" else ("block", "summary")
         return [Fixed(self.stride, self.summary_size, self.causal, p) for p in parts]
 
+    def single_pattern(self, n: int):
+        """The one mask of every head (merged heads: the union), or None when the heads are
+        split between two patterns. (`pattern` is the option's name here.)"""
+        patterns = self.patterns()
+        return patterns[0] if len(patterns) == 1 else None
+
     def core(self, q, k, v, mask=None):
         """q, k, v (B, H, N, d) -> (B, H, N, d)"""
         if use_flex(q, block_sparse=False):

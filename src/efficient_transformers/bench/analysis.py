@@ -16,7 +16,7 @@ from typing import Any, Iterable
 TOLERANCE = 0.25
 MEMORY_TARGET = 1.25     # sub-quadratic mechanisms: memory exponent below this
 CAUSAL_TARGET = 2.0      # causal forms within 2x of the non-causal form
-FLEX_TARGET = 1.2        # fixed patterns within 1.2x of flex_window (CUDA)
+FLEX_TARGET = 1.2        # fixed patterns within 1.2x of FlexAttention with their mask (CUDA)
 LINEAR_TARGET = 1.2      # causal linear attention within 1.2x of the chunked kernel (CUDA)
 LINEAR_FROM = 4096       # ... at the lengths of ANCHORS.md's kernel table (4k and up)
 
@@ -136,6 +136,21 @@ def crossovers(records, mode: str = "fwdbwd") -> list[dict[str, Any]]:
     return rows
 
 
+def same_mask_ratios(records, mode: str = "fwdbwd") -> dict[str, dict[str, dict[int, float]]]:
+    """{flex_mask:NAME: {NAME: {N: time / time of the reference}}} for the same-mask references
+    in the run (bench/reference.py), each against its own mechanism, non-causal (the mask's)."""
+    from .reference import SAME_MASK, same_mask_references
+
+    out = {}
+    for ref in same_mask_references():
+        if _ok(records, label=ref, mode=mode):
+            mechanism = ref[len(SAME_MASK):]
+            table = ratio_table(records, ref, mode, subjects=(mechanism,))
+            if mechanism in table:
+                out[ref] = {mechanism: table[mechanism]}
+    return out
+
+
 def ratio_table(records, ref: str, mode: str = "fwdbwd",
                 subjects: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
     """{label: {N: time / time of `ref`}} for every series of `mode` (of the mechanisms in
@@ -243,13 +258,22 @@ def targets(results: dict[str, Any], exps, cross, peers, causal) -> list[dict[st
         flex = ratio_table(records, "flex_window")
         from ..zoo import SURVEY_TABLE
 
-        # flex_window is a ±256 sliding window: the "same mask" only for windowed fixed patterns
+        same_mask = same_mask_ratios(records)
+        for ref, table in same_mask.items():
+            for lab, ratios in table.items():
+                worst_n = max(ratios, key=ratios.get)
+                add(f"within {FLEX_TARGET}x of {ref} (same mask)", lab,
+                    ratios[worst_n] <= FLEX_TARGET, f"worst {ratios[worst_n]:.2f}x at N={worst_n}")
+        compared = {lab for table in same_mask.values() for lab in table}
+        # flex_window is a ±256 sliding window: the "same mask" only for windowed fixed patterns,
+        # where the run has no reference with the mechanism's own mask
         windowed = {r["target"] for r in records if r["kind"] == "ours"
                     and "window" in (r.get("options") or {})} | _windowed_fixed_patterns()
         for lab, ratios in flex.items():
             target = lab.split(" ")[0]
             if target in SURVEY_TABLE and "FP" in SURVEY_TABLE[target].taxonomy \
-                    and target in windowed and not lab.endswith("(causal)"):
+                    and target in windowed and not lab.endswith("(causal)") \
+                    and lab not in compared:
                 worst_n = max(ratios, key=ratios.get)
                 add(f"within {FLEX_TARGET}x of flex_window", lab, ratios[worst_n] <= FLEX_TARGET,
                     f"worst {ratios[worst_n]:.2f}x at N={worst_n}")
@@ -299,8 +323,10 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
 
     refs = {ref: ratio_table(records, ref, subjects=RATIO_SUBJECTS.get(ref)) for ref in REFERENCES
             if _ok(records, label=ref, mode="fwdbwd")}
+    same_mask = {lab: ratios for table in same_mask_ratios(records).values()
+                 for lab, ratios in table.items()}
     return {"exponents": exps, "crossover": cross, "peers": peers, "causal": causal,
-            "reference_ratios": refs,
+            "reference_ratios": refs, "same_mask_ratios": same_mask,
             "targets": targets(results, exps, cross, peers, causal)}
 
 

@@ -129,7 +129,7 @@ def build_target(case: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]
     if kind == "ref":
         from .reference import build_reference
 
-        return build_reference(name, dim, heads), {}
+        return build_reference(name, dim, heads, n), {}
     if kind == "peer":
         from .peers import build_peer
 

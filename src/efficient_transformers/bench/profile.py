@@ -30,7 +30,7 @@ import torch
 
 from .config import DTYPES, label
 from .measure import build_target, sync_device, training_step
-from .reference import REFERENCES
+from .reference import REFERENCES, is_reference
 from .runner import target_kind
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     else:
         models = [m for m in args.models.split(",") if m]
-        unknown = [m for m in models if m not in et.list_attention() and m not in REFERENCES]
+        unknown = [m for m in models if m not in et.list_attention() and not is_reference(m)]
         if unknown or not models:
             p.error(f"--models: expected registered mechanisms from {et.list_attention()} or "
                     f"reference kernels {list(REFERENCES)}, got {unknown or args.models!r}")

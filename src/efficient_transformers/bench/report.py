@@ -164,6 +164,12 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         rows = [[f"`{lab}`"] + [f"{ratios[n]:.2f}" if n in ratios else "" for n in ns]
                 for lab, ratios in table.items()]
         out += [md_table(["mechanism"] + [fmt_n(n) for n in ns], rows), ""]
+    if an.get("same_mask_ratios"):
+        out += ["## Forward + backward time / FlexAttention with the same mask "
+                "(`flex_mask:NAME`)", ""]
+        rows = [[f"`{lab}`"] + [f"{ratios[n]:.2f}" if n in ratios else "" for n in ns]
+                for lab, ratios in an["same_mask_ratios"].items()]
+        out += [md_table(["mechanism"] + [fmt_n(n) for n in ns], rows), ""]
     if an["peers"]:
         out += ["## Ours / peer (public packages, same harness, same run)", ""]
         rows = []

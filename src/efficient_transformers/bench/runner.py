@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import BenchConfig, check_config, label
-from .reference import CUDA_ONLY, REFERENCES
+from .reference import REFERENCES, cuda_only_note, is_reference, same_mask_references
 from .worker import CaseRunner
 
 
@@ -19,7 +19,7 @@ def target_kind(name: str) -> str:
     "ours" (a registered mechanism)."""
     from .peers import PEERS
 
-    if name in REFERENCES:
+    if is_reference(name):
         return "ref"
     if name in PEERS:
         return "peer"
@@ -37,11 +37,12 @@ def resolve_targets(cfg: BenchConfig) -> list[tuple[str, str]]:
         names = list(dict.fromkeys(cfg.models))
         from .peers import PEERS
 
-        known = set(registered) | set(REFERENCES) | set(PEERS)
+        known = set(registered) | set(REFERENCES) | set(same_mask_references()) | set(PEERS)
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"--models: unknown {unknown}; expected registered mechanisms "
-                             f"{registered}, references {list(REFERENCES)} or peers "
+                             f"{registered}, references {list(REFERENCES)}, same-mask "
+                             f"references {list(same_mask_references())} or peers "
                              f"{sorted(PEERS)}")
     targets = [(target_kind(n), n) for n in names]
     if cfg.peers:  # every peer, or with --models the peers of the mechanisms listed
@@ -131,8 +132,9 @@ def _precheck(case: dict[str, Any]) -> dict[str, Any] | None:
         peer = PEERS[case["target"]]
         if not installed(peer):
             return {"status": "not installed", "note": f"pip install {peer.package}"}
-    if case["kind"] == "ref" and case["device"] != "cuda" and case["target"] in CUDA_ONLY:
-        return {"status": "skipped", "note": CUDA_ONLY[case["target"]]}
+    note = cuda_only_note(case["target"]) if case["kind"] == "ref" else None
+    if note and case["device"] != "cuda":
+        return {"status": "skipped", "note": note}
     return None
 
 
