@@ -138,7 +138,7 @@ class ReformerAttention(Attention):
         n = x.shape[1]
         qk, v, buckets = self.hashed(x, mask)
         n_buckets = self.buckets_for(qk.shape[2])
-        if lsh_flex.FORCE is not None or (qk.is_cuda and use_flex(qk)):
+        if lsh_flex.FORCE is not None or use_flex(qk):   # CUDA (or FORCE_FLEX)
             out = lsh_flex.lsh_attention_flex(qk, v, buckets, self.bucket_size, self.causal,
                                               n_buckets, flex=lsh_flex.FORCE)
         else:
