@@ -7,7 +7,7 @@ import torch
 
 from efficient_transformers.bench.traffic import OperatorTraffic
 from efficient_transformers.bench.traffic_flex import (
-    BlockCounts, pattern_counts, priced_flex, priced_flex_paths,
+    FLEX_HOST_S, FLEX_PEAK_FRACTION, BlockCounts, pattern_counts, priced_flex, priced_flex_paths,
 )
 from efficient_transformers.functional import flex, lsh_flex
 from efficient_transformers.functional.patterns import LocalWindow
@@ -36,6 +36,13 @@ def test_a_priced_call_charges_what_the_kernel_would_move_and_compute():
     tensors = 2 * (n_q * 8 + n_q * 8 + n_q * 4) + 2 * n_q * 4      # q, k, v, grads; out, dO
     assert bwd == [1, tensors * 2 + n_q * 4 + 2 * key_rows * (8 + 4) * 2, 2.5 * 4 * pairs * 8]
     assert q.grad is not None and q.grad.shape == q.shape
+    # priced at the calibrated share of the peak, with the calibrated host time per call
+    peak = counter.peak_flops * FLEX_PEAK_FRACTION
+    assert counter.op_ms(bwd, "flex_attention_backward (priced)") == pytest.approx(
+        1e3 * (max(bwd[1] / counter.bandwidth, bwd[2] / peak) + counter.launch_s))
+    assert counter.extra_host_s == pytest.approx(2 * FLEX_HOST_S)
+    assert counter.host_ms() == pytest.approx(
+        1e3 * (counter.dispatches * counter.host_s + 2 * FLEX_HOST_S))
 
 
 def test_pattern_counts_are_the_key_blocks_of_the_pattern_at_flex_block_size():

@@ -79,6 +79,8 @@ class OperatorTraffic(TorchDispatchMode):
         self.host_s = host_s
         self.rows = defaultdict(lambda: [0, 0, 0.0])
         self.dispatches = 0    # every aten call, views included: the host's work
+        self.peak_fraction: dict[str, float] = {}   # a priced kernel's share of the peak
+        self.extra_host_s = 0.0                     # priced calls' host time beyond a dispatch
 
     _active: list = []  # the counters whose blocks are open (innermost last)
 
@@ -91,9 +93,10 @@ class OperatorTraffic(TorchDispatchMode):
         return super().__exit__(*exc)
 
     @classmethod
-    def charge(cls, name: str, nbytes: float, flops: float) -> None:
-        """Add a priced call (not an aten operator: `traffic_flex`) to the innermost counter; one
-        host dispatch."""
+    def charge(cls, name: str, nbytes: float, flops: float, peak_fraction: float = 1.0,
+               host_s: float = 0.0) -> None:
+        """Add a priced call (not an aten operator: `traffic_flex`) to the innermost counter: one
+        host dispatch plus `host_s`, its flops at `peak_fraction` of the peak."""
         if cls._active:
             counter = cls._active[-1]
             row = counter.rows[name]
@@ -101,6 +104,8 @@ class OperatorTraffic(TorchDispatchMode):
             row[1] += int(nbytes)
             row[2] += float(flops)
             counter.dispatches += 1
+            counter.peak_fraction[name] = peak_fraction
+            counter.extra_host_s += host_s
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -115,9 +120,10 @@ class OperatorTraffic(TorchDispatchMode):
             row[2] += _flops(func, args, kwargs, out)
         return out
 
-    def op_ms(self, row) -> float:
+    def op_ms(self, row, name: str = "") -> float:
         calls, nbytes, flops = row
-        return 1e3 * (max(nbytes / self.bandwidth, flops / self.peak_flops) + calls * self.launch_s)
+        peak = self.peak_flops * self.peak_fraction.get(name, 1.0)
+        return 1e3 * (max(nbytes / self.bandwidth, flops / peak) + calls * self.launch_s)
 
     def table(self, rows: int = 15) -> str:
         """Totals, then the operators with the largest estimated time."""
@@ -129,19 +135,21 @@ class OperatorTraffic(TorchDispatchMode):
                  f"{self.bandwidth / 1e12:g} TB/s, {self.peak_flops / 1e12:g} TFLOP/s, "
                  f"{self.launch_s * 1e6:g} µs per call",
                  f"{self.dispatches} aten calls with views; host {self.host_ms():.2f} ms at "
-                 f"{self.host_s * 1e6:g} µs per call; estimate {self.total_ms():.2f} ms "
-                 f"(the larger)", "",
+                 f"{self.host_s * 1e6:g} µs per call"
+                 + (f" and {1e3 * self.extra_host_s:.2f} ms more for priced calls"
+                    if self.extra_host_s else "")
+                 + f"; estimate {self.total_ms():.2f} ms (the larger)", "",
                  f"{'operator':58s} {'calls':>6s} {'GiB':>8s} {'GFLOP':>9s} {'est. ms':>8s}"]
-        for name, row in sorted(self.rows.items(), key=lambda kv: -self.op_ms(kv[1]))[:rows]:
+        for name, row in sorted(self.rows.items(), key=lambda kv: -self.op_ms(*kv[::-1]))[:rows]:
             lines.append(f"{name:58s} {row[0]:6d} {row[1] / 2**30:8.3f} {row[2] / 1e9:9.1f} "
-                         f"{self.op_ms(row):8.3f}")
+                         f"{self.op_ms(row, name):8.3f}")
         return "\n".join(lines)
 
     def device_ms(self) -> float:
-        return sum(self.op_ms(r) for r in self.rows.values())
+        return sum(self.op_ms(row, name) for name, row in self.rows.items())
 
     def host_ms(self) -> float:
-        return 1e3 * self.dispatches * self.host_s
+        return 1e3 * (self.dispatches * self.host_s + self.extra_host_s)
 
     def total_ms(self) -> float:
         """The step's estimate: the device's time or, where longer, the host's."""

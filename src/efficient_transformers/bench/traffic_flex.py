@@ -8,9 +8,20 @@ what the kernel would move and compute, from the key blocks each query block vis
   block's K and V rows; 4 flops per (query, key) pair and head dimension;
 - backward: q, k, v, out, dO and lse read and dq, dk, dv written once, the K and V tiles read
   twice (the dq pass and the dk / dv pass); 2.5 times the forward's flops.
-Mask and score functions are not priced. A pattern's visited blocks come from its `key_blocks`
+Mask and score functions are not priced, except through the calibration below. A pattern's
+visited blocks come from its `key_blocks`
 at FlexAttention's block size (at the pattern's own block size where it has one), so no N × N
 mask is built; a real BlockMask (reformer's, built from block indices) is read as it is.
+
+Calibrated on the H100 run of 2026-11-27 (docs/benchmarks.md), from the reference `flex_window`
+(projections and one FlexAttention call, ±256 window) against its estimate here: at 64k it took
+3.48 ms where full speed gives 2.55, so its FlexAttention calls (0.3 TFLOP forward + backward,
+0.97 ms at the peak) took about 1.9 ms: about a third of the peak flop rate
+(FLEX_PEAK_FRACTION, applied to the flops of both passes); at 1k it took 2.11 ms where 82 aten
+calls at 18 µs give 1.48, so each call (forward, backward) costs about 0.3 ms more host time than
+a dispatch (FLEX_HOST_S: the compiled function's guards and wrappers). One reference, so the
+FlexAttention layers' estimates carry its error; `image_transformer`, also measured then, is the
+check (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from .traffic import OperatorTraffic
+
+FLEX_PEAK_FRACTION = 0.32  # FlexAttention's flop rate / the peak, H100 2026-11-27 (see above)
+FLEX_HOST_S = 3e-4         # host time per FlexAttention call beyond one dispatch (see above)
 
 
 @dataclass
@@ -77,7 +91,7 @@ class _PricedFlex(torch.autograd.Function):
         n_q = q.numel() // d                                      # query rows
         once = (n_q * d + n_q * e) * elt + n_q * 4                # q, out; lse in float32
         OperatorTraffic.charge("flex_attention (priced)", once + key_rows * (d + e) * elt,
-                               4 * pairs * d)
+                               4 * pairs * d, FLEX_PEAK_FRACTION, FLEX_HOST_S)
         out = q.new_empty(*q.shape[:-1], e)
         return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -90,7 +104,7 @@ class _PricedFlex(torch.autograd.Function):
         tensors = 2 * (n_q * d + k_shape.numel() + v_shape.numel()) + 2 * n_q * e
         OperatorTraffic.charge("flex_attention_backward (priced)",
                                tensors * elt + n_q * 4 + 2 * ctx.key_rows * (d + e) * elt,
-                               2.5 * 4 * ctx.pairs * d)
+                               2.5 * 4 * ctx.pairs * d, FLEX_PEAK_FRACTION, FLEX_HOST_S)
         return (d_out.new_empty(q_shape), d_out.new_empty(k_shape), d_out.new_empty(v_shape),
                 None, None)
 
