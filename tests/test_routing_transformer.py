@@ -212,6 +212,28 @@ def test_ema_sums_by_index_equal_the_one_hot_matmul():
     assert max_abs_diff(indexed[:, 4], mu[:, 4]) < 1e-12   # empty: kept (renormalised)
 
 
+def test_no_padding_as_none_equals_an_all_real_mask():
+    """real=None (no mask: nothing masked or weighted) gives what an all-True mask gives: the
+    k-means step (both sums), the commitment loss and its gradient, the balanced members."""
+    from efficient_transformers.functional.kmeans import commitment_loss
+
+    gen = torch.Generator().manual_seed(2)
+    mu = F.normalize(torch.randn(3, 5, 8, dtype=torch.float64, generator=gen), dim=-1)
+    x = F.normalize(torch.randn(2, 3, 40, 8, dtype=torch.float64, generator=gen), dim=-1)
+    x.requires_grad_()
+    scores = centroid_scores(x, mu)
+    best = scores.max(-1)
+    every = torch.ones(2, 40, dtype=torch.bool)
+    for by_index in (False, True):
+        assert max_abs_diff(ema_centroids(mu, x, best.indices, None, 0.9, by_index=by_index),
+                            ema_centroids(mu, x, best.indices, every, 0.9, by_index=by_index)) < 1e-12
+    losses = [commitment_loss(x, best.values, best.indices, mu, real) for real in (None, every)]
+    assert max_abs_diff(*losses) < 1e-12
+    grads = [torch.autograd.grad(loss, x, retain_graph=True)[0] for loss in losses]
+    assert max_abs_diff(*grads) < 1e-12
+    assert torch.equal(balanced_members(scores, 9, None), balanced_members(scores, 9, every))
+
+
 def test_aux_loss_is_the_commitment_loss_with_gradient():
     attn = build(False, commitment=0.5)
     x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)

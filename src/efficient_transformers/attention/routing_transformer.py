@@ -141,16 +141,18 @@ class RoutingAttention(Attention):
         self.ema_step([u[0] for u in units], [b[1] for b in best], real)
         return out
 
-    def routing(self, q, k, v, real, mask):
-        """Routing heads: q, k, v (B, Hr, N, d), real (B, N) -> (B, Hr, N, d). The attention
-        masks keys only when a `mask` was given: no padding is known without reading the device."""
+    def routing(self, q, k, v, mask):
+        """Routing heads: q, k, v (B, Hr, N, d), mask (B, N) or None -> (B, Hr, N, d). Without a
+        mask every token is real (known on the host: nothing masked, nothing weighted)."""
+        real = mask
         mu = self.centroids.detach()
         if self.causal:
             r, _ = self.route_vectors(q, k)
             scores = centroid_scores(r, mu)
             assign = scores.argmax(dim=-1)  # (B, Hr, N)
             self.learn([r], [scores], real)
-            group = torch.where(real[:, None, :], assign, self.num_clusters)  # padded: own group
+            group = assign if real is None else \
+                torch.where(real[:, None, :], assign, self.num_clusters)     # padded: own group
             order = sort_by_group(group)
             real_h = None if mask is None else permute(real[:, None, :].expand_as(group), order)
             qs, ks, vs = (permute(t, order) for t in (q, k, v))
@@ -188,7 +190,6 @@ class RoutingAttention(Attention):
 
     def attend(self, x, mask):
         b, n, _ = x.shape
-        real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         qkv = self.to_qkv(x)                                    # (B, N, 3·dim)
         q, k, v = self.split_qkv(qkv)
         hl = self.local_heads
@@ -200,9 +201,10 @@ class RoutingAttention(Attention):
         if hl:
             outs.append(self.local(ql, kl, vl, mask))
         if self.uses_fused_routing(qkv):
+            real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
             outs.append(self.fused_routing(qkv, qr, kr, real, mask))
         elif self.routing_heads:
-            outs.append(self.routing(qr, kr, vr, real, mask))
+            outs.append(self.routing(qr, kr, vr, mask))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.to_out(self.merge_heads(out))
 
