@@ -127,7 +127,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$TESTS_S" -ge 20 ]; then
   "$PY" -c "import pytest_timeout" 2>/dev/null && workers+=(--timeout "${TEST_TIMEOUT:-90}")
   # one line per test, so that a run cut by the timeout still says which passed
   # the CUDA paths never run on a GPU yet first, then the rest (pytest collects a file once)
-  first=(tests/test_grid_flash.py tests/test_lsh_flex.py tests/test_flex.py tests/test_cuda_graphs.py)
+  first=(tests/test_grid_flash.py tests/test_flash.py tests/test_lsh_flex.py tests/test_flex.py
+         tests/test_cuda_graphs.py)
   timeout "$TESTS_S" "$PY" -m pytest -v -m gpu -p no:cacheprovider "${workers[@]}" \
     "${first[@]}" tests 2>&1 \
     | tee "$OUT/pytest-gpu.txt"

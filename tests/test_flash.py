@@ -123,3 +123,21 @@ def test_row_chunks_are_divisors_near_the_target():
     assert flash.row_chunks(65536) == 32 and flash.row_chunks(2048) == 1
     assert flash.row_chunks(6150) == 5                 # 4 does not divide 6150; 5 · 1230
     assert flash.row_chunks(8191) == 1                 # prime: one call
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_flash_rows_match_explicit_rows_in_bf16():
+    """128 rows against 65536 keys in 32 chunks of 2048 (the bench's bigbird at 64k)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4, 128, 64, generator=gen, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    k, v = (torch.randn(1, 4, 65536, 64, generator=gen, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))
+    assert flash.uses_flash_keys(q) and flash.row_chunks(65536) == 32
+    fast = flash.flash_rows(q, k, v)
+    slow = attention_with_lse(*(t.float() for t in (q, k, v)))[0]
+    up = torch.randn_like(slow)
+    for a, b in zip((fast, *torch.autograd.grad(fast.float(), (q, k, v), up)),
+                    (slow, *torch.autograd.grad(slow, (q, k, v), up))):
+        assert max_abs_diff(a.float(), b.float()) < 3e-2 * b.float().abs().max().item()
