@@ -52,7 +52,7 @@ def kernels_taken(monkeypatch):
 TAKEN = {"image_transformer": {"flex"}, "axial_transformer": {"flash"},
          "sparse_transformer": {"flash"}, "longformer": {"flex", "flash"},
          "bigbird": {"flex", "flash"}, "reformer": {"flex"}, "routing_transformer": {"flex"},
-         "memory_compressed": set()}
+         "memory_compressed": set(), "etc": {"flex", "flash"}}
 TAKEN_CAUSAL = {**TAKEN, "longformer": {"flex"}}   # causal global keys: the explicit merge
 
 
@@ -96,3 +96,38 @@ def test_cuda_paths_in_bf16_stay_close_to_the_cpu_paths(name, causal, kernels_ta
         results.append((y, *torch.autograd.grad(y.square().sum(), x)))
     for got, want in zip(*results):
         assert max_abs_diff(got.float(), want.float()) < 5e-2 * want.float().abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(TAKEN))
+def test_cuda_kernels_equal_the_block_paths_on_a_gpu(name, monkeypatch):
+    """On CUDA in bf16, head dim 64: the layer with its compiled FlexAttention and flash pieces
+    (as the benchmark runs it) against the same layer with them switched off (the CPU's block
+    paths, on the GPU), outputs and the gradients of the input and every parameter; then two
+    more steps compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    from efficient_transformers.functional import flash, grid_flash
+
+    attn = small_attention(name, dtype=torch.bfloat16, dim=128, heads=2).cuda()
+    x = torch.randn(2, 40, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wrt = [x, *attn.parameters()]
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(flex, "FORCE_FLEX", None if kernels else False)
+        monkeypatch.setattr(grid_flash, "GRID_FLASH", None if kernels else False)
+        monkeypatch.setattr(flash, "FLASH_KEYS", None if kernels else False)
+        y = attn(x).float()
+        results.append((y, *torch.autograd.grad(y.square().sum(), wrt, allow_unused=True)))
+    for got, want in zip(*results):
+        if got is not None and want is not None:
+            assert max_abs_diff(got.float(), want.float()) < 5e-2 * want.float().abs().max().item()
+    monkeypatch.setattr(flex, "FORCE_FLEX", None)
+    monkeypatch.setattr(grid_flash, "GRID_FLASH", None)
+    monkeypatch.setattr(flash, "FLASH_KEYS", None)
+    attn(x).float().sum().backward()
+    counters.clear()
+    for _ in range(2):
+        attn(x).float().sum().backward()
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])

@@ -16,20 +16,26 @@ def explicit_merge(out_a, lse_a, q, k, v):
     return merge_pair(out_a, lse_a, *attention_with_lse(q, k, v))
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("empty_rows", [False, True])
-def test_merge_flash_keys_equals_the_explicit_merge_with_gradients(empty_rows):
+def test_merge_flash_keys_equals_the_explicit_merge_with_gradients(empty_rows, chunked,
+                                                                   monkeypatch):
     """Part A is attention over its own keys (some rows without any when empty_rows: lse −inf);
-    the merged output and the gradients of every input, float64."""
+    the merged output and the gradients of every input, float64; chunked: the 30 flash keys as
+    3 chunks of 10 (ETC's global rows: their own keys, then every long token)."""
+    monkeypatch.setattr(flash, "ROW_CHUNK", 10)
     gen = torch.Generator().manual_seed(0)
     q, k_a, v_a = (torch.randn(2, 3, 20, 8, generator=gen, dtype=torch.float64,
                                requires_grad=True) for _ in range(3))
-    k_g, v_g = (torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k_g, v_g = (torch.randn(2, 3, 30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
                 for _ in range(2))
+    assert flash.row_chunks(30) == 3
     allowed = torch.rand(20, 20, generator=gen) < 0.5
     if empty_rows:
         allowed[:4] = False
     allowed[4:, 0] = True
-    fast = flash.merge_flash_keys(*attention_with_lse(q, k_a, v_a, allowed), q, k_g, v_g)
+    fast = flash.merge_flash_keys(*attention_with_lse(q, k_a, v_a, allowed), q, k_g, v_g,
+                                  chunked=chunked)
     slow = explicit_merge(*attention_with_lse(q, k_a, v_a, allowed), q, k_g, v_g)
     assert_values_and_gradients_match(fast, slow, [q, k_a, v_a, k_g, v_g], tol=1e-12)
 
@@ -104,7 +110,7 @@ def test_flash_rows_equal_explicit_rows_with_gradients(n, monkeypatch):
     q = torch.randn(2, 3, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    assert flash.row_chunks(n, 500) == {64: 1, 37: 1, 6000: 12}[n]
+    assert flash.row_chunks(n) == {64: 1, 37: 1, 6000: 12}[n]
     fast = flash.flash_rows(q, k, v)
     slow = attention_with_lse(q, k, v)[0]
     assert_values_and_gradients_match(fast, slow, [q, k, v], tol=1e-12)

@@ -93,87 +93,87 @@ def uses_flash_keys(q: torch.Tensor) -> bool:
     return wanted and flash_available(q)
 
 
-class _FlashKeysMerged(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out_a, lse_a, q, k, v, scale):
-        out_g, lse_g, aux = flash_forward(q, k, v, False, scale)
-        lse_a = lse_a.to(lse_g.dtype)
-        lse = torch.logaddexp(lse_a, lse_g)                            # union (B, H, N)
-        weight_a = torch.exp(lse_a - lse)                              # a (B, H, N), 0 if A empty
-        out = torch.lerp(out_g, out_a.to(out_g.dtype), weight_a.to(out_g.dtype)[..., None])
-        ctx.save_for_backward(q, k, v, out_a, out, lse, weight_a)
-        ctx.scale, ctx.aux, ctx.lse_dtype = scale, aux, lse_a.dtype
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out):
-        q, k, v, out_a, out, lse, weight_a = ctx.saved_tensors
-        d_out = d_out.contiguous()
-        d_q, d_k, d_v = flash_backward(d_out, q, k, v, out, lse, False, ctx.scale, ctx.aux)
-        d_out_a = d_out * weight_a.to(d_out.dtype)[..., None]           # (B, H, N, d)
-        # products in the input's dtype, summed in float32 (B, H, N)
-        d_lse_a = torch.mul(d_out_a, out_a - out).sum(-1, dtype=stat_dtype(out.dtype))
-        return d_out_a.to(out_a.dtype), d_lse_a.to(ctx.lse_dtype), d_q, d_k, d_v, None
+ROW_CHUNK = 2048   # keys per chunk where the keys are cut into chunks (`flash_rows`)
 
 
-def merge_flash_keys(out_a: torch.Tensor, lse_a: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Part A (out_a (B, H, N, d), lse_a (B, H, N)) over keys disjoint from k, v (B, H, g, d),
-    merged with every query's attention to all of k, v -> the union's out (B, H, N, d)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _FlashKeysMerged.apply(out_a, lse_a, q, k, v, scale)
-
-
-ROW_CHUNK = 2048   # keys per chunk of `flash_rows`
-
-
-def row_chunks(n: int, target: int = ROW_CHUNK) -> int:
-    """How many equal chunks `flash_rows` cuts n keys into: the first divisor of n from
-    ceil(n / target) up to 4× that, else 1 (one call, no split)."""
-    want = max(1, -(-n // target))
+def row_chunks(n: int, target: int | None = None) -> int:
+    """How many equal chunks n keys are cut into: the first divisor of n from ceil(n / target)
+    up to 4× that, else 1 (one call, no split); target None: ROW_CHUNK."""
+    want = max(1, -(-n // (ROW_CHUNK if target is None else target)))
     return next((c for c in range(want, 4 * want + 1) if n % c == 0), 1)
 
 
 def _per_chunk(t: torch.Tensor, chunks: int) -> torch.Tensor:
     """Rows (B, H, G, e) -> the same rows for every chunk, (B, H·chunks, G, e) (a small copy)."""
+    if chunks == 1:
+        return t
     b, h = t.shape[:2]
     return t.unsqueeze(2).expand(b, h, chunks, *t.shape[2:]).reshape(b, h * chunks, *t.shape[2:])
 
 
-class _FlashRows(torch.autograd.Function):
+class _FlashKeysMerged(torch.autograd.Function):
+    """Every query against all of k, v as flash calls (the keys in `chunks` chunks as extra
+    heads), merged by log-sum-exp with part A (out_a, lse_a) where given."""
+
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        b, h, g, d = q.shape
-        chunks = row_chunks(k.shape[2])
-        k_c, v_c = (t.contiguous().view(b, h * chunks, -1, t.shape[-1]) for t in (k, v))
-        q_c = _per_chunk(q, chunks)                                       # (B, H·c, G, d)
-        out_c, lse_c, aux = flash_forward(q_c, k_c, v_c, False, scale)
-        lse_c = lse_c.view(b, h, chunks, g)
-        lse = torch.logsumexp(lse_c, dim=2)                               # (B, H, G)
-        weights = torch.exp(lse_c - lse[:, :, None])                      # (B, H, c, G)
-        out = (out_c.view(b, h, chunks, g, -1) * weights[..., None].to(out_c.dtype)).sum(
-            2, dtype=lse.dtype).to(q.dtype)                               # (B, H, G, d)
-        ctx.save_for_backward(q_c, k_c, v_c, out, lse)
-        ctx.scale, ctx.aux, ctx.shape = scale, aux, (k.shape, v.shape)
-        return out
+    def forward(ctx, out_a, lse_a, q, k, v, scale, chunks):
+        b, h, n_q, _ = q.shape
+        if chunks > 1:
+            k, v = (t.contiguous().view(b, h * chunks, -1, t.shape[-1]) for t in (k, v))
+        q_c = _per_chunk(q, chunks)                                       # (B, H·c, N, d)
+        out_g, lse_g, aux = flash_forward(q_c, k, v, False, scale)
+        if chunks > 1:   # the chunks' union: (B, H, c, N) weights
+            lse_c = lse_g.view(b, h, chunks, n_q)
+            lse_g = torch.logsumexp(lse_c, dim=2)                         # (B, H, N)
+            weights = torch.exp(lse_c - lse_g[:, :, None])[..., None].to(out_g.dtype)
+            out_g = (out_g.view(b, h, chunks, n_q, -1) * weights).sum(2, dtype=lse_g.dtype)
+            out_g = out_g.to(q.dtype)
+        weight_a, lse = None, lse_g
+        if out_a is not None:
+            lse_a = lse_a.to(lse_g.dtype)
+            lse = torch.logaddexp(lse_a, lse_g)                            # union (B, H, N)
+            weight_a = torch.exp(lse_a - lse)                              # a, 0 if A is empty
+            out_g = torch.lerp(out_g, out_a.to(out_g.dtype), weight_a.to(out_g.dtype)[..., None])
+        ctx.save_for_backward(q_c, k, v, out_g, lse, out_a, weight_a)
+        ctx.scale, ctx.aux, ctx.chunks = scale, aux, chunks
+        ctx.lse_dtype = None if lse_a is None else lse_a.dtype
+        return out_g
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        q_c, k_c, v_c, out, lse = ctx.saved_tensors
-        chunks = q_c.shape[1] // out.shape[1]
-        d_q_c, d_k_c, d_v_c = flash_backward(
+        q_c, k_c, v_c, out, lse, out_a, weight_a = ctx.saved_tensors
+        chunks, b, h = ctx.chunks, out.shape[0], out.shape[1]
+        d_out = d_out.contiguous()
+        d_q, d_k, d_v = flash_backward(
             _per_chunk(d_out, chunks), q_c, k_c, v_c, _per_chunk(out, chunks),
             _per_chunk(lse[..., None], chunks)[..., 0].contiguous(), False, ctx.scale, ctx.aux)
-        d_q = d_q_c.view(*out.shape[:2], chunks, *out.shape[2:]).sum(2)   # (B, H, G, d)
-        k_shape, v_shape = ctx.shape
-        return d_q, d_k_c.reshape(k_shape), d_v_c.reshape(v_shape), None
+        if chunks > 1:
+            d_q = d_q.view(b, h, chunks, *out.shape[2:]).sum(2)          # (B, H, N, d)
+            d_k, d_v = (g.reshape(b, h, -1, g.shape[-1]) for g in (d_k, d_v))
+        d_out_a = d_lse_a = None
+        if out_a is not None:
+            d_out_a = d_out * weight_a.to(d_out.dtype)[..., None]        # (B, H, N, d)
+            # products in the input's dtype, summed in float32 (B, H, N)
+            d_lse_a = torch.mul(d_out_a, out_a - out).sum(-1, dtype=stat_dtype(out.dtype))
+            d_out_a, d_lse_a = d_out_a.to(out_a.dtype), d_lse_a.to(ctx.lse_dtype)
+        return d_out_a, d_lse_a, d_q, d_k, d_v, None, None
+
+
+def merge_flash_keys(out_a: torch.Tensor | None, lse_a: torch.Tensor | None, q: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     chunked: bool = False) -> torch.Tensor:
+    """Part A (out_a (B, H, N, d), lse_a (B, H, N)) over keys disjoint from k, v (B, H, M, d),
+    merged with every query's attention to all of k, v -> the union's out (B, H, N, d). A None:
+    the attention to k, v alone. `chunked`: the M keys as chunks of about ROW_CHUNK (few
+    queries, many keys: `flash_rows`)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    chunks = row_chunks(k.shape[2]) if chunked else 1
+    return _FlashKeysMerged.apply(out_a, lse_a, q, k, v, scale, chunks)
 
 
 def flash_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
     """A few query rows q (B, H, G, d) against every key of k, v (B, H, N, d), no mask ->
-    (B, H, G, d)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _FlashRows.apply(q, k, v, scale)
+    (B, H, G, d): the keys in chunks that run as extra heads."""
+    return merge_flash_keys(None, None, q, k, v, scale, chunked=True)

@@ -124,17 +124,18 @@ def pattern_block_mask(pattern, n: int, device, key_mask: torch.Tensor | None = 
 def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
                            key_mask: torch.Tensor | None = None, scale: float | None = None,
                            block_size: int = BLOCK_SIZE, compiled: bool = True,
-                           return_lse: bool = False):
+                           return_lse: bool = False, score_mod=None):
     """Attention restricted to `pattern` through FlexAttention: q, k, v (B, H, N, d) -> (B, H, N, d),
     and with return_lse its row log-sum-exp (B, H, N) too (−inf where a row has no key; the
-    gradient flows through it). Rows with no allowed key (padded queries) give 0.
-    compiled=False runs FlexAttention's eager reference (dense scores: for tests of the mask
-    only)."""
+    gradient flows through it). Rows with no allowed key (padded queries) give 0. `score_mod`:
+    FlexAttention's (score, b, h, i, j) -> score, the same function object at every call (the
+    compiled kernel guards on it). compiled=False runs FlexAttention's eager reference (dense
+    scores: for tests of the mask only)."""
     mask = pattern_block_mask(pattern, q.shape[2], q.device, key_mask, block_size)
     flex = flex_callable(compiled)
     if return_lse:
-        return flex_with_lse(flex, q, k, v, mask, scale)
-    return flex(q, k, v, block_mask=mask, scale=scale)
+        return flex_with_lse(flex, q, k, v, mask, scale, score_mod)
+    return flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
 
 
 def flex_callable(compiled: bool = True):
@@ -153,12 +154,14 @@ def flex_callable(compiled: bool = True):
     return _compiled_flex()
 
 
-def flex_with_lse(flex, q, k, v, block_mask, scale):
+def flex_with_lse(flex, q, k, v, block_mask, scale, score_mod=None):
     """(out, lse) of a FlexAttention call: `return_aux=AuxRequest(lse=True)` where torch has it
     (`return_lse` is deprecated there, and its warning costs a recompile), else return_lse."""
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:
-        return flex(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
-    out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                    return_lse=True)
+    out, aux = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                    return_aux=AuxRequest(lse=True))
     return out, aux.lse

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .blocks import pad_mask_to_multiple, pad_to_multiple
 from .eager import outside_graphs
 from .flash import flash_rows, merge_flash_keys, uses_flash_keys
-from .merge import attention_with_lse, merge_pair, stat_dtype
+from .merge import attention_with_lse, merge_pair, softmax_with_lse, stat_dtype
 from .patterns import LocalWindow, Pattern, unique_blocks
 
 NEG_INF = float("-inf")
@@ -530,15 +530,25 @@ def etc_attention(ql, kl, vl, qg, kg, vg, window: int, block: int, l2l_bias, g2g
     """
     bsz, h, n, d = ql.shape
     g = qg.shape[2]
+    if segment_ids is None:
+        flexed = etc_flex_or_none(ql, kl, vl, qg, kg, vg, window, l2l_bias, g2g_bias, key_mask,
+                                  scale)
+        if flexed is not None and flexed[1] is not None:
+            return flexed
+    else:
+        flexed = None
     real = torch.ones(bsz, n, dtype=torch.bool, device=ql.device) if key_mask is None else key_mask
-    extra = torch.zeros(bsz, 1, n, g, dtype=ql.dtype, device=ql.device)      # l2g additive mask
     own = None
-    if segment_ids is not None:
-        own = segment_ids[:, :, None] == torch.arange(g, device=ql.device)    # (B, N, G)
-        extra = l2g_bias.to(ql.dtype)[None, :, None, :].expand(bsz, h, 1, 2)
-        extra = torch.where(own[:, None], extra[..., 1:], extra[..., :1])      # (B, H, N, G)
-    long_out = local_attention_with_extras(ql, kl, vl, window, False, key_mask, block,
-                                           kg, vg, extra, rel_bias=l2l_bias, scale=scale)
+    if flexed is not None:
+        long_out = flexed[0]
+    else:
+        extra = torch.zeros(bsz, 1, n, g, dtype=ql.dtype, device=ql.device)  # l2g additive mask
+        if segment_ids is not None:
+            own = segment_ids[:, :, None] == torch.arange(g, device=ql.device)    # (B, N, G)
+            extra = l2g_bias.to(ql.dtype)[None, :, None, :].expand(bsz, h, 1, 2)
+            extra = torch.where(own[:, None], extra[..., 1:], extra[..., :1])  # (B, H, N, G)
+        long_out = local_attention_with_extras(ql, kl, vl, window, False, key_mask, block,
+                                               kg, vg, extra, rel_bias=l2l_bias, scale=scale)
     # global rows: [g2g | g2l] in one softmax
     g2g = relative_bias(g2g_bias, g, g, device=ql.device).to(ql.dtype)[None].expand(bsz, h, g, g)
     g2l_ok = real[:, None, None, :].expand(bsz, 1, g, n)
@@ -574,7 +584,54 @@ def etc_dense_bias(n: int, g: int, window: int, l2l_bias, g2g_bias, key_mask=Non
 
 
 # ------------------------------------------------------------------------------- the CUDA path
-def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = False):
+_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (table, its score_mod): kept for the process
+
+
+def relative_score_mod(table: torch.Tensor):
+    """FlexAttention score_mod adding ETC's relative bias table (H, 2R+1) at clamp(j − i, −R, R)
+    + R; one function per table object (the compiled kernel guards on the function, and a
+    captured parameter keeps its identity through `.to()` and optimiser steps; a deep copy of
+    the layer gets its own)."""
+    entry = _SCORE_MODS.get(id(table))
+    if entry is None or entry[0] is not table:
+        radius = (table.shape[-1] - 1) // 2
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            offset = (kv_idx - q_idx).clamp(-radius, radius) + radius
+            return score + table[h, offset].to(score.dtype)
+
+        entry = _SCORE_MODS[id(table)] = (table, score_mod)
+    return entry[1]
+
+
+def etc_flex_or_none(ql, kl, vl, qg, kg, vg, window: int, l2l_bias, g2g_bias, key_mask, scale):
+    """ETC without segment ids where FlexAttention applies (CUDA): (long out, global out or
+    None), else None. Long queries: the window (|i − j| <= window, relative bias as a score_mod)
+    through FlexAttention, the G global keys merged in by log-sum-exp (one flash call,
+    `flash.merge_flash_keys`). Global rows without a key mask: g2g (G × G, relative bias)
+    explicit, merged with every long key as chunked flash calls; with one, None: the caller's
+    dense rows."""
+    out = flex_or_none(ql, kl, vl, DilatedWindow(window), key_mask, return_lse=True,
+                       score_mod=relative_score_mod(l2l_bias))
+    if out is None:
+        return None
+    if uses_flash_keys(ql):
+        long_out = merge_flash_keys(*out, ql, kg, vg, scale)
+    else:
+        long_out = merge_pair(*out, *attention_with_lse(ql, kg, vg, scale=scale))
+    if key_mask is not None or not uses_flash_keys(qg):
+        return long_out, None
+    g = qg.shape[2]
+    scale = 1.0 / math.sqrt(qg.shape[-1]) if scale is None else scale
+    scores = (torch.matmul(qg * scale, kg.transpose(-1, -2)).to(stat_dtype(qg.dtype))
+              + relative_bias(g2g_bias, g, g, device=qg.device))               # (B, H, G, G)
+    p, lse = softmax_with_lse(scores)
+    g2g = torch.matmul(p.to(vg.dtype), vg)
+    return long_out, merge_flash_keys(g2g, lse, qg, kl, vl, scale, chunked=True)
+
+
+def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = False,
+                 score_mod=None):
     """FlexAttention through functional/flex.py (`flex_pattern_attention`) where `use_flex(q)`
     says it applies (CUDA), else None so the caller takes the blocked path. The one place the
     mechanisms of this file call FlexAttention."""
@@ -584,7 +641,8 @@ def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = Fa
         return None
     if not use_flex(q):
         return None
-    return flex_pattern_attention(q, k, v, pattern, key_mask, return_lse=return_lse)
+    return flex_pattern_attention(q, k, v, pattern, key_mask, return_lse=return_lse,
+                                  score_mod=score_mod)
 
 
 def _global_allowed(n_q: int, n_k: int, key_mask, causal: bool, device):
