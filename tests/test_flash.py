@@ -62,7 +62,7 @@ def test_layer_global_keys_by_flash_equal_the_explicit_merge(name, options, take
     parameter."""
     from torch.nn.attention import flex_attention as module
 
-    from efficient_transformers.functional import flex, global_local
+    from efficient_transformers.functional import flex, global_cuda
 
     monkeypatch.setattr(flex, "FORCE_FLEX", True)
     monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
@@ -71,8 +71,8 @@ def test_layer_global_keys_by_flash_equal_the_explicit_merge(name, options, take
     x = torch.randn(2, 37, 16)
     calls = []
     for function_name in ("merge_flash_keys", "flash_rows"):
-        function = getattr(global_local, function_name)
-        monkeypatch.setattr(global_local, function_name,
+        function = getattr(global_cuda, function_name)
+        monkeypatch.setattr(global_cuda, function_name,
                             lambda *a, f=function, n=function_name: calls.append(n) or f(*a))
     results = []
     for forced in (True, False):

@@ -26,9 +26,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..functional.global_local import (
-    BigBirdPattern, bigbird_attention, flex_or_none, global_rows, merge_global_keys,
-)
+from ..functional.global_cuda import flex_or_none, global_rows, merge_global_keys
+from ..functional.global_local import BigBirdPattern, bigbird_attention
 from ..registry import register
 from .base import Attention, check_positive_int
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional.global_local import (
-    DilatedWindow, LongformerPattern, dense_rows, dilation_groups, flex_or_none, gather_global,
-    grouped_dilated_attention, local_block_size, longformer_attention, merge_global_keys,
-)
 from ..functional.folded_cross import key_folded_attention
+from ..functional.global_cuda import flex_or_none, merge_global_keys
+from ..functional.global_local import (
+    DilatedWindow, LongformerPattern, dense_rows, dilation_groups, gather_global,
+    grouped_dilated_attention, local_block_size, longformer_attention,
+)
 from ..registry import register
 from .base import Attention, check_positive_int
 

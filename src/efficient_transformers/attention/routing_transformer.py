@@ -45,7 +45,8 @@ from ..functional.kmeans import (
     grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group,
     unit_parts, unit_vectors, unpermute,
 )
-from ..functional.global_local import DilatedWindow, flex_or_none
+from ..functional.global_cuda import flex_or_none
+from ..functional.global_local import DilatedWindow
 from ..functional.routed import Commitment, routed_heads
 from ..registry import register
 from .base import Attention, check_positive_int

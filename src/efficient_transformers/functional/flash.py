@@ -22,7 +22,9 @@ keys are split into chunks of about `ROW_CHUNK` that become extra heads (a view 
 chunk one thread block, and the chunks' (out, lse) merge by log-sum-exp (B·H·chunks·G rows:
 small). Backward: each chunk's backward is handed the merged out and lse; dq sums over chunks.
 
-No mask in either: callers with padding or a causal rule keep the explicit forms.
+Both are one node (`_FlashKeysMerged`): part A where given, the keys in chunks where asked
+(`chunked=True`); ETC's global rows take both (their g2g part as A, every long token chunked).
+No mask in any: callers with padding or a causal rule keep the explicit forms.
 `uses_flash_keys(q)`: on CUDA where FlashAttention runs (`FLASH_KEYS` forces it, tests on the
 CPU).
 """
