@@ -60,9 +60,10 @@ class LongformerPattern(Pattern):
     (The global rows use their own projections in the layer; this predicate says which pairs
     interact, for pictures and tests.) The layer's FlexAttention mask has `global_rows=False` and
     `global_cols=False`: the layer computes the global rows densely and merges the global keys
-    in itself (`global_rows`, `merge_global_keys`). Inside FlexAttention a full row is a query
-    block that walks every key block, and a global key block is walked by every query block in
-    the backward: one thread block doing N/128 steps while the rest of the GPU waits."""
+    in itself (`global_cuda.global_rows`, `global_cuda.merge_global_keys`). Inside
+    FlexAttention a full row is a query block that walks every key block, and a global key
+    block is walked by every query block in the backward: one thread block doing N/128 steps
+    while the rest of the GPU waits."""
 
     window: int
     dilation: int = 1
@@ -73,7 +74,7 @@ class LongformerPattern(Pattern):
 
     def allows(self, i, j):
         ok = DilatedWindow(self.window, self.dilation, self.causal).allows(i, j)
-        if not self.global_cols:  # the layer merges the global keys in (`merge_global_keys`)
+        if not self.global_cols:  # the layer merges the global keys in (`global_cuda.merge_global_keys`)
             ok = ok & (j >= self.num_global)
         glob = (j < self.num_global) if self.global_cols else None
         if self.global_rows:
@@ -182,7 +183,7 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
     (its gradient reaches the mask, e.g. ETC's learned biases). On the CPU through
     `scaled_dot_product_attention`, whose kernels keep no (G, M) scores. `explicit` forces
     either (None: `EXPLICIT_ROWS`, or where that is None, explicit on CUDA). Without any mask
-    `flash.flash_rows` does better on CUDA (`global_rows` takes it)."""
+    `flash.flash_rows` does better on CUDA (`global_cuda.global_rows` takes it)."""
     if allowed.dtype == torch.bool:
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     if explicit is None:
