@@ -74,7 +74,7 @@ class LongformerPattern(Pattern):
 
     def allows(self, i, j):
         ok = DilatedWindow(self.window, self.dilation, self.causal).allows(i, j)
-        if not self.global_cols:  # the layer merges the global keys in (`global_cuda.merge_global_keys`)
+        if not self.global_cols:  # the layer merges the global keys in (global_cuda)
             ok = ok & (j >= self.num_global)
         glob = (j < self.num_global) if self.global_cols else None
         if self.global_rows:
