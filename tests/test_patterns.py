@@ -10,7 +10,7 @@ import torch
 from efficient_transformers.functional.axial import axial_attention, grid_shape, strided_column_attention
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.merge import (attention_with_lse, merge_attention_parts,
-                                                     merge_into_, merge_pair)
+                                                     merge_pair)
 from efficient_transformers.functional.patterns import (
     Axial, BlockLocal, Fixed, ImageLocal1D, ImageLocal2D, LocalWindow, Strided, dense_pattern_mask,
     image2d_attention, pattern_attention, pattern_attention_with_lse,
@@ -145,25 +145,6 @@ def test_merge_pair_is_merge_attention_parts_for_two():
     for x, y in zip(torch.autograd.grad((out * g).sum(), (q, k, v), retain_graph=True),
                     torch.autograd.grad((ref * g).sum(), (q, k, v))):
         assert torch.isfinite(x).all() and max_abs_diff(x, y) < 1e-12
-
-
-def test_merge_into_is_merge_attention_parts_in_place():
-    """The online merge, from nothing (lse −inf) through two parts, gives what
-    merge_attention_parts gives: exactly in float64, to bf16's precision with bf16 parts."""
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, generator=gen) for _ in range(3))
-    split = torch.rand(9, 9, generator=gen) > 0.5
-    split[:, 0], split[:, 1] = True, False                  # every row has a key in each part
-    parts = [attention_with_lse(q, k, v, split), attention_with_lse(q, k, v, ~split)]
-    want, want_lse = merge_attention_parts(parts)
-    for stat, part_dtype, tol in ((torch.float64, torch.float64, 1e-12),
-                                  (torch.float32, torch.bfloat16, 1e-2)):
-        out = torch.zeros(1, 2, 9, 4, dtype=stat)
-        lse = torch.full((1, 2, 9, 1), float("-inf"), dtype=stat)
-        for part, part_lse in parts:
-            merge_into_(out, lse, part.to(part_dtype), part_lse[..., None].to(stat))
-        assert max_abs_diff(out.double(), want) < tol
-        assert max_abs_diff(lse[..., 0].double(), want_lse) < min(tol, 1e-6)
 
 
 def test_empty_rows_give_zero_and_finite_gradients():

@@ -10,7 +10,9 @@ Transformer's strided pattern on the (N / l, l) grid.
 Each rule is one or two *pieces*, each a FlashAttention call on square problems (n × n for lines
 of n positions, batched over the lines): all keys; causal after slicing `gap` positions off
 (key <= query − gap: q[gap:] against k[:n − gap]); or the same on the reversed axis (key >=
-query + gap). One softmax over the union: the pieces' (out, lse) merge by log-sum-exp. Backward:
+query + gap). One softmax over the union: the pieces' (out, lse) merge by log-sum-exp, the
+union's lse first (small), then out = Σ_p exp(lse_p − lse) out_p, one pass per piece into a
+float32 sum (the pieces' outputs live until then: one (B, H, N, d) tensor each). Backward:
 the gradient of softmax attention over a union, restricted to one piece's keys, is what that
 piece's FlashAttention backward computes when it is handed the union's output and lse in place
 of its own (it recomputes P = exp(s − lse) and uses D = rowsum(dO ∘ O)), so the pieces'
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from .flash import flash_available, flash_backward, flash_forward
-from .merge import merge_into_, stat_dtype
+from .merge import stat_dtype
 
 # rule along the axis -> pieces (direction, gap): "before" keeps key <= query − gap,
 # "after" key >= query + gap, "all" every key
@@ -180,22 +182,19 @@ def _row_dots(x: torch.Tensor, y: torch.Tensor, stat) -> torch.Tensor:
     return torch.mul(x, y).sum(-1, dtype=stat)
 
 
-def _remove_shared_(q, k, v, out, lse, pairs, scale) -> list[torch.Tensor]:
-    """In place: (out (B, H, N, d), lse (B, H, N)) in a stat dtype, over the union with each
-    shared key twice -> over the union. Returns the shared scores s_{i,i+δ} per pair."""
-    stat = out.dtype
+def _shared_scores(q, k, pairs, scale, stat) -> list[torch.Tensor]:
+    """The shared pairs' scores s_{i,i+δ} (B, H, b − a) per pair, in `stat`."""
+    return [_row_dots(q[:, :, a:b], k[:, :, a + delta:b + delta], stat).mul_(scale)
+            for delta, a, b in pairs]
+
+
+def _count_shared_once_(lse, pairs, scores) -> None:
+    """In place: lse (B, H, N) of the union with each shared key twice -> of the union:
+    lse + log(1 − Σ_δ exp(s_δ − lse)), the sum at most 1/2."""
     removed = torch.zeros_like(lse)                                   # Σ_δ w_δ  (B, H, N)
-    scores = []
-    for delta, a, b in pairs:
-        s = _row_dots(q[:, :, a:b], k[:, :, a + delta:b + delta], stat).mul_(scale)
-        w = torch.exp(s - lse[:, :, a:b])                             # (B, H, b − a)
-        out[:, :, a:b].addcmul_(v[:, :, a + delta:b + delta], w[..., None], value=-1.0)
-        removed[:, :, a:b].add_(w)
-        scores.append(s)
-    kept = removed.neg_().add_(1.0)                                   # 1 − Σ w_δ >= 1/2
-    out.div_(kept[..., None])
-    lse.add_(kept.log_())
-    return scores
+    for (delta, a, b), s in zip(pairs, scores):
+        removed[:, :, a:b].add_(torch.exp(s - lse[:, :, a:b]))
+    lse.add_(removed.neg_().log1p_())
 
 
 def _remove_shared_grads_(grads, d_out, q, k, v, out, lse, pairs, scores, scale) -> None:
@@ -223,27 +222,38 @@ class _GridFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grid, pieces, shared, scale):
         stat = stat_dtype(q.dtype)
-        first_full = _covers_all(pieces[0])   # then it starts the merge: no zeros to fill
-        out = (torch.empty if first_full else torch.zeros)(q.shape, dtype=stat,
-                                                             device=q.device)  # (B, H, N, d)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=stat, device=q.device)  # (B, H, N)
         q_axes, k_axes, v_axes = (_axes(t, grid) for t in (q, k, v))
-        out_axes, lse_axes = _axes(out, grid), _axes(lse[..., None], grid)
-        auxes = []
-        for index, piece in enumerate(pieces):
+        lse_axes = _axes(lse[..., None], grid)
+        auxes, parts = [], []
+        for piece in pieces:   # every piece first: the union's lse, then one weight per piece
             part, part_lse, aux = flash_forward(
                 _lines(q_axes, piece, "q"), _lines(k_axes, piece, "k"),
                 _lines(v_axes, piece, "k"), piece.direction != "all", scale)
             auxes.append(aux)
-            acc, acc_lse = _region(out_axes, piece, "q"), _region(lse_axes, piece, "q")
             part, part_lse = _flipped(part, piece), _flipped(part_lse[..., None], piece)
-            if index == 0 and first_full:
-                acc.copy_(part)
-                acc_lse.copy_(part_lse)
-                continue
-            merge_into_(acc, acc_lse, part, part_lse)   # each query of the piece has a key here
+            acc_lse = _region(lse_axes, piece, "q")
+            acc_lse.copy_(torch.logaddexp(acc_lse, part_lse))
+            parts.append((part, part_lse))
         ctx.pairs = _shared_pairs(q.shape[2], shared)
-        ctx.shared_scores = _remove_shared_(q, k, v, out, lse, ctx.pairs, scale)
+        ctx.shared_scores = _shared_scores(q, k, ctx.pairs, scale, stat)
+        _count_shared_once_(lse, ctx.pairs, ctx.shared_scores)
+        # out = Σ_p exp(lse_p − lse) out_p − Σ_δ exp(s_δ − lse) v_{i+δ}: one pass per piece
+        first_full = _covers_all(pieces[0])   # then it starts the sum: no zeros to fill
+        out = (torch.empty if first_full else torch.zeros)(q.shape, dtype=stat,
+                                                             device=q.device)  # (B, H, N, d)
+        out_axes = _axes(out, grid)
+        for index, (piece, (part, part_lse)) in enumerate(zip(pieces, parts)):
+            acc = _region(out_axes, piece, "q")
+            weight = torch.exp(part_lse - _region(lse_axes, piece, "q"))
+            if index == 0 and first_full:
+                torch.mul(part, weight, out=acc)
+            else:
+                acc.addcmul_(part, weight)   # each query of the piece has a key here
+        del parts
+        for (delta, a, b), s in zip(ctx.pairs, ctx.shared_scores):
+            out[:, :, a:b].addcmul_(v[:, :, a + delta:b + delta],
+                                    torch.exp(s - lse[:, :, a:b])[..., None], value=-1.0)
         out = out.to(q.dtype)
         ctx.grid, ctx.pieces, ctx.scale, ctx.auxes = grid, pieces, scale, auxes
         ctx.save_for_backward(q, k, v, out, lse)

@@ -148,14 +148,3 @@ def merge_pair(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     diff = lse_a - lse_b                                       # −inf − (−inf) = nan: both empty
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("-inf")), diff)
     return torch.lerp(out_b, out_a, torch.sigmoid(diff).to(out_a.dtype)[..., None])
-
-
-def merge_into_(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,
-                part_lse: torch.Tensor) -> None:
-    """In place, no autograd: (out, lse) becomes the union of itself and (part, part_lse), over
-    disjoint key sets; the online form of `merge_attention_parts`. out (..., d) in a stat
-    dtype, part (..., d) in any float dtype, lse and part_lse (..., 1). lse may be −inf (no
-    key yet); part_lse must be finite (every query of the part has a key)."""
-    total = torch.logaddexp(lse, part_lse)
-    out.mul_(torch.exp(lse - total)).addcmul_(part, torch.exp(part_lse - total))
-    lse.copy_(total)
