@@ -49,10 +49,7 @@ def etc_flex_or_none(ql, kl, vl, qg, kg, vg, window: int, l2l_bias, g2g_bias, ke
                        score_mod=relative_score_mod(l2l_bias))
     if out is None:
         return None
-    if uses_flash_keys(ql):
-        long_out = merge_flash_keys(*out, ql, kg, vg, scale)
-    else:
-        long_out = merge_pair(*out, *attention_with_lse(ql, kg, vg, scale=scale))
+    long_out = merge_keys(*out, ql, kg, vg, scale=scale)   # l2g: every global key, no bias
     if key_mask is not None or not uses_flash_keys(qg):
         return long_out, None
     g = qg.shape[2]
@@ -68,7 +65,7 @@ def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = Fa
                  score_mod=None):
     """FlexAttention through functional/flex.py (`flex_pattern_attention`) where `use_flex(q)`
     says it applies (CUDA), else None so the caller takes the blocked path. The one place the
-    mechanisms of this file call FlexAttention."""
+    global-token mechanisms (and routing's local heads) call FlexAttention."""
     try:
         from .flex import flex_pattern_attention, use_flex
     except ImportError:
@@ -102,14 +99,19 @@ def global_rows(q_rows, k, v, key_mask=None, causal: bool = False) -> torch.Tens
     return dense_rows(q_rows, k, v, allowed)
 
 
+def merge_keys(out, lse, q, k, v, allowed=None, scale: float | None = None) -> torch.Tensor:
+    """A part (out (B, H, N, d), lse (B, H, N)) merged by log-sum-exp with every query's
+    attention to the few keys k, v (B, H, g, d) where `allowed` (None: all) -> (B, H, N, d):
+    one softmax over the union. Nothing masked, on CUDA: one FlashAttention call
+    (`flash.merge_flash_keys`); else explicit, O(N · g)."""
+    if allowed is None and uses_flash_keys(q):
+        return merge_flash_keys(out, lse, q, k, v, scale)
+    return merge_pair(out, lse, *attention_with_lse(q, k, v, allowed, scale))
+
+
 def merge_global_keys(out, lse, q, k, v, g: int, key_mask=None, causal: bool = False):
     """FlexAttention's (out (B, H, N, d), lse (B, H, N)) over a pattern without the global
-    columns, merged by log-sum-exp with every query's attention to the first g keys of k, v
-    (B, H, N, d) (causal: j <= i) -> (B, H, N, d): one softmax over the union. Without a mask
-    or a causal rule, on CUDA, the g keys are one FlashAttention call (`flash.merge_flash_keys`).
-    """
+    columns, merged with every query's attention to the first g keys of k, v (B, H, N, d)
+    (causal: j <= i) by `merge_keys` -> (B, H, N, d)."""
     allowed = _global_allowed(q.shape[2], g, key_mask, causal, q.device)
-    if allowed is None and uses_flash_keys(q):
-        return merge_flash_keys(out, lse, q, k[:, :, :g], v[:, :, :g])
-    part = attention_with_lse(q, k[:, :, :g], v[:, :, :g], allowed)                 # O(N · g)
-    return merge_pair(out, lse, *part)
+    return merge_keys(out, lse, q, k[:, :, :g], v[:, :, :g], allowed)
