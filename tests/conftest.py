@@ -19,6 +19,22 @@ def cuda_path():
 
 
 @pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention's eager reference in place of the compiled kernel (`flex._compiled_flex`),
+    its device check lifted: the one thing that stops its backward on the CPU. -> the eager
+    function."""
+    from efficient_transformers.functional import flex
+
+    if not flex.flex_available():
+        pytest.skip("FlexAttention is not importable")
+    from torch.nn.attention import flex_attention as module
+
+    monkeypatch.setattr(module, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
+    return module.flex_attention
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models train far faster on one thread when the cores are shared."""
     threads = torch.get_num_threads()

@@ -22,27 +22,22 @@ CASES = [(name, causal) for name in et.list_attention()
 
 
 @pytest.fixture
-def kernels_taken(monkeypatch):
-    """FlexAttention's eager reference for the compiled kernel, its backward allowed on the CPU;
-    yields the set of CUDA kernels the layer called ("flex", "flash")."""
-    if not flex.flex_available():
-        pytest.skip("FlexAttention is not importable")
-    from torch.nn.attention import flex_attention as module
-
+def kernels_taken(eager_flex, monkeypatch):
+    """FlexAttention through its eager reference (`eager_flex`); yields the set of CUDA kernels
+    the layer called ("flex", "flash")."""
     from efficient_transformers.functional import flash, grid_flash
 
     taken = set()
 
-    def flex_eager(*args, **kwargs):
+    def flex_recorded(*args, **kwargs):
         taken.add("flex")
-        return module.flex_attention(*args, **kwargs)
+        return eager_flex(*args, **kwargs)
 
     def flash_forward(*args, _forward=flash.flash_forward):
         taken.add("flash")
         return _forward(*args)
 
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_eager)
-    monkeypatch.setattr(module, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_recorded)
     for where in (flash, grid_flash):
         monkeypatch.setattr(where, "flash_forward", flash_forward)
     yield taken

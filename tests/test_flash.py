@@ -55,18 +55,15 @@ def test_flash_keys_taken_on_cuda_only_unless_forced(monkeypatch):
     ("bigbird", {}, ["flash_rows", "merge_flash_keys"]),
     ("bigbird", {"num_global": 2, "num_random_blocks": 1}, ["flash_rows", "merge_flash_keys"]),
 ])
-def test_layer_global_keys_by_flash_equal_the_explicit_merge(name, options, taken, monkeypatch):
+def test_layer_global_keys_by_flash_equal_the_explicit_merge(name, options, taken, eager_flex,
+                                                             monkeypatch):
     """The layer's FlexAttention path (through FlexAttention's eager reference, its device check
     lifted) without padding: the global keys as one flash call and the global rows by
     `flash_rows` equal their explicit forms, in the outputs and the gradients of every
     parameter."""
-    from torch.nn.attention import flex_attention as module
-
     from efficient_transformers.functional import flex, global_cuda
 
     monkeypatch.setattr(flex, "FORCE_FLEX", True)
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
-    monkeypatch.setattr(module, "_validate_device", lambda *args: None)
     attn = small_attention(name, dtype=torch.float32, **options)
     x = torch.randn(2, 37, 16)
     calls = []

@@ -101,15 +101,11 @@ def test_mechanisms_through_flex_equal_the_cpu_path(name, options, forced_flex):
     ("routing_transformer", {"window": 5, "local_heads": 1}, True),
 ])
 def test_layer_flex_path_through_eager_flex_equals_cpu_path(name, options, causal, forced_flex,
-                                                          monkeypatch):
+                                                          eager_flex):
     """The layer's FlexAttention path (its masks, the global keys merged in by log-sum-exp, the
     global rows) through FlexAttention's eager reference instead of the compiled kernel, with
     its device check lifted (the only thing that stops its backward on the CPU): outputs at real
     positions and the gradients of every parameter equal the CPU path's."""
-    from torch.nn.attention import flex_attention as module
-
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: module.flex_attention)
-    monkeypatch.setattr(module, "_validate_device", lambda *args: None)
     attn = small_attention(name, causal=causal, dtype=torch.float32, **options).eval()
     assert_forced_flex_equals_cpu_path(attn)          # (eval: routing's centroids stay put)
     x = torch.randn(2, 37, 16)

@@ -140,7 +140,7 @@ class OperatorTraffic(TorchDispatchMode):
                     if self.extra_host_s else "")
                  + f"; estimate {self.total_ms():.2f} ms (the larger)", "",
                  f"{'operator':58s} {'calls':>6s} {'GiB':>8s} {'GFLOP':>9s} {'est. ms':>8s}"]
-        for name, row in sorted(self.rows.items(), key=lambda kv: -self.op_ms(*kv[::-1]))[:rows]:
+        for name, row in sorted(self.rows.items(), key=lambda kv: -self.op_ms(kv[1], kv[0]))[:rows]:
             lines.append(f"{name:58s} {row[0]:6d} {row[1] / 2**30:8.3f} {row[2] / 1e9:9.1f} "
                          f"{self.op_ms(row, name):8.3f}")
         return "\n".join(lines)

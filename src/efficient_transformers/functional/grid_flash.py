@@ -28,12 +28,14 @@ that column out where its rule has such a form ("causal" -> "before", "not_befor
 still one piece); a key left in two parts (the query's own position) is *shared*, and its second
 count is taken out afterwards: key i + δ for each shared offset δ. The non-causal strided union
 becomes 4 pieces, one reversed, one shared offset (was 5 and 2); non-causal axial 2 pieces, none
-reversed (was 3 and 1). With w_δ = exp(s_{i,i+δ} − lse₂), lse₂ and out₂ the union's with the
-shared keys twice, the union is out = (out₂ − Σ w_δ v_{i+δ}) / (1 − Σ w_δ), lse = lse₂ +
-log(1 − Σ w_δ); Σ w_δ <= 1/2 (each shared key is also in the sum once more), so nothing cancels badly. The backward subtracts each shared pair's second gradient, from P_{i,i+δ}
-= exp(s − lse): dv_j −= P dO_i, dq_i −= scale·dS k_j, dk_j −= scale·dS q_i, dS = P (dO_i·v_j −
-rowsum(dO_i ∘ out_i)). The scores s_{i,i+δ} are row dot products, multiplied in the input's
-dtype and summed in float32 (in bf16 the products are rounded, as the output is).
+reversed (was 3 and 1). With lse₂ the union's log-sum-exp with the shared keys twice and
+w_δ = exp(s_{i,i+δ} − lse₂), the union's is lse = lse₂ + log(1 − Σ w_δ); Σ w_δ <= 1/2 (each
+shared key is also in the sum once more), so nothing cancels badly. The output is then summed
+with the union's weights, the second counts subtracted: out = Σ_p exp(lse_p − lse) out_p −
+Σ_δ exp(s_δ − lse) v_{i+δ}. The backward subtracts each shared pair's second gradient,
+from P_{i,i+δ} = exp(s − lse): dv_j −= P dO_i, dq_i −= scale·dS k_j, dk_j −= scale·dS q_i,
+dS = P (dO_i·v_j − rowsum(dO_i ∘ out_i)). The scores s_{i,i+δ} are row dot products, multiplied
+in the input's dtype and summed in float32 (in bf16 the products are rounded, as the output is).
 
 `uses_grid_flash(q)` says where callers take it: on CUDA, where FlashAttention runs (bf16 /
 fp16, head dim a multiple of 8 up to 256) and the explicit line path writes every (n × n) score
@@ -277,7 +279,8 @@ class _GridFlash(torch.autograd.Function):
                                           lse_l[..., 0].contiguous(),   # FA2 reads it dense
                                           piece.direction != "all", ctx.scale, aux)
             if grads is None:
-                grads = [_grid_order(g, piece.axis, t.shape) for g, t in zip(piece_grads, (q, k, v))]
+                grads = [_grid_order(g, piece.axis, t.shape)
+                         for g, t in zip(piece_grads, (q, k, v))]
                 continue
             for t, g, role in zip(grads, piece_grads, "qkk"):
                 _region(_axes(t, grid), piece, role).add_(_flipped(g, piece))

@@ -86,7 +86,8 @@ def ema_centroids(centroids: torch.Tensor, x_hat: torch.Tensor, assign: torch.Te
     """One online k-means step (paper eq. for mu <- decay mu + (1 - decay) mean of its members).
 
     centroids (H, C, d); x_hat (B, H, N, d); assign (B, H, N); real (B, N), or None when every
-    token is real (no weighting pass). Clusters that received no real token keep their centroid. Returns new unit-norm centroids (H, C, d), no gradient.
+    token is real (no weighting pass). Clusters that received no real token keep their
+    centroid. Returns new unit-norm centroids (H, C, d), no gradient.
     The members' sums: by_index (default on CUDA) adds each token into its cluster's row
     (`index_add_`, atomic on CUDA); otherwise a weighted one-hot (B, H, N, C) and one batched
     matmul per head (on the CPU an index_add into H·C rows serialises; on CUDA the one-hot is
