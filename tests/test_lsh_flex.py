@@ -107,13 +107,15 @@ def test_the_block_mask_lists_every_block_that_holds_a_pair(causal, chunk, block
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_the_layer_takes_the_flex_path_and_equals_its_chunked_path(causal, monkeypatch,
+@pytest.mark.parametrize("n_buckets", [4, (2, 4)])
+def test_the_layer_takes_the_flex_path_and_equals_its_chunked_path(causal, n_buckets, monkeypatch,
                                                                     cpu_flex):
-    """A reformer layer (padding mask, a length that pads to whole chunks) through the flex path
-    equals itself through the chunked path: outputs at real positions and parameter gradients."""
+    """A reformer layer (padding mask, a length that pads to whole chunks; one rotation or a
+    factorised hash) through the flex path equals itself through the chunked path: outputs at
+    real positions and parameter gradients."""
     torch.manual_seed(0)
     attn = et.build_attention("reformer", dim=16, heads=2, causal=causal, bucket_size=4,
-                              n_hashes=3, n_buckets=4).double()
+                              n_hashes=3, n_buckets=n_buckets).double()
     x = torch.randn(2, 37, 16, dtype=torch.float64)
     mask = random_mask(2, 37)
     calls = []

@@ -53,8 +53,42 @@ def test_buckets_are_the_argmax_over_both_signs_in_any_block_size(monkeypatch):
     proj = torch.einsum("bhnd,hrdk->bhrnk", qk.detach(), rot)
     expected = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
     assert torch.equal(lsh_buckets(qk, rot, 10), expected)
-    monkeypatch.setattr(lsh, "HASH_BLOCK_ELEMENTS", 2 * 3 * 5 * 7)  # blocks of 7 tokens
+    monkeypatch.setattr(lsh, "HASH_BLOCK_ELEMENTS", 2 * 3 * 3 * 5 * 7)  # blocks of 7 tokens
     assert torch.equal(lsh_buckets(qk, rot, 10), expected)
+
+
+@pytest.mark.parametrize("factors", [(4, 6), (2, 4, 2)])
+def test_factorised_buckets_combine_one_argmax_per_factor(monkeypatch, factors):
+    """n_buckets = (b1, b2, ...): h = h1 + b1·h2 + b1·b2·h3, h_k the argmax over [xR_k; -xR_k]
+    of the factor's own rotation columns; every id in range, and block by block alike."""
+    qk, _ = inputs(n=37, seed=6)
+    rot = random_rotations(3, 2, 8, factors, torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert rot.shape == (3, 2, 8, sum(f // 2 for f in factors))
+    proj = torch.einsum("bhnd,hrdk->bhrnk", qk.detach(), rot)
+    expected, offset, radix = 0, 0, 1
+    for f in factors:
+        part = proj[..., offset:offset + f // 2]
+        expected = expected + radix * torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        offset, radix = offset + f // 2, radix * f
+    assert torch.equal(lsh_buckets(qk, rot, factors), expected)
+    assert expected.max() < math.prod(factors) and len(expected.unique()) > max(factors)
+    monkeypatch.setattr(lsh, "HASH_BLOCK_ELEMENTS", 2 * 3 * 2 * rot.shape[-1] * 5)  # 5 tokens
+    assert torch.equal(lsh_buckets(qk, rot, factors), expected)
+    mask = random_mask(2, 37)
+    padded = lsh_buckets(qk, rot, factors, mask)
+    assert (padded[~mask[:, None, None, :].expand_as(padded)] == math.prod(factors)).all()
+
+
+def test_factorised_count_is_two_even_factors_near_the_root():
+    for b in (2, 4, 6, 8, 64, 258, 1000, 1024, 4096):
+        b1, b2 = lsh.factorized(b)
+        assert b1 % 2 == 0 and b2 % 2 == 0 and b <= b1 * b2 <= b + 2 * math.sqrt(b) + 4, b
+    assert lsh.factorized(1024) == (32, 32)
+    # the layer factorises a length-derived count above 2 · bucket_size only
+    attn = et.build_attention("reformer", dim=16, heads=2, bucket_size=8)
+    assert attn.buckets_for(128) == 16 and attn.buckets_for(136) == (4, 6)
+    assert et.build_attention("reformer", dim=16, heads=2, bucket_size=64).buckets_for(
+        65536) == (32, 32)
 
 
 def test_non_causal_sets_follow_the_sorted_chunks():
@@ -100,9 +134,11 @@ def test_one_bucket_one_round_is_dense_shared_qk(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_layer_equals_oracle_at_any_length_with_padding(causal):
+@pytest.mark.parametrize("n_buckets", [None, (2, 4)])
+def test_layer_equals_oracle_at_any_length_with_padding(causal, n_buckets):
     n = 23  # not a multiple of bucket_size: padded inside the layer
-    attn = small_attention("reformer", causal=causal, n_buckets=None, bucket_size=4, n_hashes=3)
+    attn = small_attention("reformer", causal=causal, n_buckets=n_buckets, bucket_size=4,
+                           n_hashes=3)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, n, 16, dtype=torch.float64, generator=gen, requires_grad=True)
     mask = random_mask(2, n, generator=gen)
@@ -162,9 +198,27 @@ def test_rotations_are_fixed_per_layer_saved_and_redrawn_only_on_request():
     assert torch.equal(r.eval()(x), r(x))
 
 
+def test_factorised_layer_decodes_exactly_and_saves_its_factors(tmp_path):
+    from test_patterns import check_decode
+    attn = et.build_attention("reformer", dim=16, heads=2, causal=True, bucket_size=4,
+                              n_hashes=2, n_buckets=[2, 4]).double()
+    assert attn.n_buckets == (2, 4)
+    check_decode(attn)
+    # a language model sized from a long max_len gets factorised buckets; they survive a save
+    model = et.build_model("reformer", task="lm", vocab_size=11, dim=16, depth=1, heads=2,
+                           max_len=128, bucket_size=4)
+    assert model.encoder.blocks[0].attention.n_buckets == (6, 6)  # 32 -> 6 x 6
+    model.save_pretrained(tmp_path)
+    loaded = et.load_pretrained(tmp_path)
+    assert loaded.encoder.blocks[0].attention.n_buckets == (6, 6)
+    tokens = torch.randint(0, 11, (1, 40))
+    assert torch.equal(model.eval()(tokens).logits, loaded.eval()(tokens).logits)
+
+
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="n_buckets"):
-        et.build_attention("reformer", dim=16, heads=2, n_buckets=3)
+    for bad in (3, (2, 3), (), [4, 0], (2, True), (2.0, 4)):
+        with pytest.raises(ValueError, match="n_buckets"):
+            et.build_attention("reformer", dim=16, heads=2, n_buckets=bad)
     with pytest.raises(ValueError, match="bucket_size"):
         et.build_attention("reformer", dim=16, heads=2, bucket_size=0)
     with pytest.raises(ValueError, match="n_hashes"):

@@ -3,6 +3,14 @@
 - Angular LSH by random rotations, `n_hashes` rounds, `bucket_size` tokens per bucket on average:
   the number of buckets follows from the (internally padded) length, b = P / bucket_size (rounded
   up to an even number; 1 when P <= bucket_size), unless `n_buckets` fixes it.
+- Factorised hashing (offered by the authors' Trax code and by Hugging Face's `ReformerConfig`
+  to save memory at long lengths): `n_buckets=(b1, b2)` hashes each
+  round twice, h = h1 + b1·h2 with b1/2 and b2/2 rotation columns, b1·b2 buckets for b1/2 + b2/2
+  projections per token instead of b1·b2/2. Without `n_buckets`, a length-derived count b above
+  2·bucket_size (b/2 projections per token and round, more than a chunk's bucket_size tokens)
+  is factorised into two even factors near √b (256 -> 16 × 16, 1024 -> 32 × 32; N > 8k at
+  bucket size 64): hashing then costs O(N·√(N/bucket_size)) instead of O(N²/bucket_size). An
+  int always means one rotation of b/2 columns, as in the paper.
 - Shared-QK: keys are the normalised queries. A token attends to itself only when nothing else is
   available. Sorted by (bucket, position), chunks of `bucket_size`, each chunk attends to itself and
   the previous chunk within the same bucket. Rounds combined with log-sum-exp weights, duplicate
@@ -46,21 +54,41 @@ from ..functional import lsh_flex
 from ..functional.eager import outside_graphs
 from ..functional.flex import use_flex
 from ..functional.lsh import (
-    causal_allowed_rounds, lsh_attention, lsh_buckets, random_rotations, sort_by_bucket,
-    union_with_self,
+    causal_allowed_rounds, factorized, lsh_attention, lsh_buckets, random_rotations,
+    sort_by_bucket, total_buckets, union_with_self,
 )
 from ..registry import register
 from .base import Attention, check_positive_int
 
 CAUSAL_BUCKETS = 64  # buckets of a causal layer when `n_buckets` is None
+FACTORIZE_ABOVE = 2  # factorise b buckets when their b/2 projections per token outnumber a chunk
 DECODE_QUERY_BLOCK = 64  # new tokens evaluated at once by a decode step (bounds its T x M masks)
 
 
-def length_buckets(length: int, bucket_size: int) -> int:
+def length_buckets(length: int, bucket_size: int) -> int | tuple[int, int]:
     """Buckets for `length` tokens, `bucket_size` per bucket on average: length / bucket_size
-    rounded up to an even number, 1 when length <= bucket_size."""
+    rounded up to an even number, 1 when length <= bucket_size; factorised into two even
+    factors (`lsh.factorized`) when more than FACTORIZE_ABOVE · bucket_size."""
     b = max(length // bucket_size, 1)
-    return b + (b % 2) if b > 1 else 1
+    b = b + (b % 2) if b > 1 else 1
+    return factorized(b) if b > FACTORIZE_ABOVE * bucket_size else b
+
+
+def check_buckets(n_buckets):
+    """`n_buckets`: None, 1, an even int, or a tuple / list of even ints (a factorised hash)."""
+    if n_buckets is None:
+        return None
+    if isinstance(n_buckets, (tuple, list)):
+        if not n_buckets or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 2
+                                    and f % 2 == 0 for f in n_buckets):
+            raise ValueError(f"n_buckets: expected an int or a non-empty list of even ints >= 2 "
+                             f"(factorised hashing), got {n_buckets!r}")
+        return tuple(n_buckets)
+    check_positive_int("n_buckets", n_buckets)
+    if n_buckets > 1 and n_buckets % 2:
+        raise ValueError(f"n_buckets: expected 1 or an even number (hashing takes the "
+                         f"argmax over [xR; -xR]), got {n_buckets}")
+    return n_buckets
 
 
 @register("reformer")
@@ -68,15 +96,11 @@ class ReformerAttention(Attention):
     small_options = {"bucket_size": 4, "n_hashes": 2, "n_buckets": 4}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, bucket_size: int = 64,
-                 n_hashes: int = 4, n_buckets: int | None = None, redraw: bool = False):
+                 n_hashes: int = 4, n_buckets: int | tuple[int, ...] | None = None, redraw: bool = False):
         super().__init__(dim, heads, causal)
         self.bucket_size = check_positive_int("bucket_size", bucket_size)
         self.n_hashes = check_positive_int("n_hashes", n_hashes)
-        if n_buckets is not None:
-            check_positive_int("n_buckets", n_buckets)
-            if n_buckets > 1 and n_buckets % 2:
-                raise ValueError(f"n_buckets: expected 1 or an even number (hashing takes the "
-                                 f"argmax over [xR; -xR]), got {n_buckets}")
+        n_buckets = check_buckets(n_buckets)
         if not isinstance(redraw, bool):
             raise ValueError(f"redraw: expected True or False, got {redraw!r}")
         self.n_buckets, self.redraw = n_buckets, redraw
@@ -89,7 +113,8 @@ class ReformerAttention(Attention):
         self._rotations: dict = {}
 
     # ------------------------------------------------------------------------- hashing
-    def buckets_for(self, padded_len: int) -> int:
+    def buckets_for(self, padded_len: int) -> int | tuple[int, ...]:
+        """The bucket count (or its factors) at this padded length."""
         if self.n_buckets is not None:
             return self.n_buckets
         if self.causal:
@@ -97,7 +122,7 @@ class ReformerAttention(Attention):
         return length_buckets(padded_len, self.bucket_size)
 
     def rotations(self, n_buckets: int, device, dtype) -> torch.Tensor:
-        """(H, R, d, b/2), fixed per layer (or fresh from torch's RNG with redraw in training)."""
+        """(H, R, d, b/2) (factorised: b1/2 + b2/2 + ... columns), fixed per layer (or fresh from torch's RNG with redraw in training)."""
         if self.redraw and self.training:
             return random_rotations(self.heads, self.n_hashes, self.head_dim, n_buckets,
                                     device=device, dtype=dtype)
@@ -137,7 +162,7 @@ class ReformerAttention(Attention):
     def attend(self, x, mask):
         n = x.shape[1]
         qk, v, buckets = self.hashed(x, mask)
-        n_buckets = self.buckets_for(qk.shape[2])
+        n_buckets = total_buckets(self.buckets_for(qk.shape[2]))
         if lsh_flex.FORCE is not None or use_flex(qk):   # CUDA (or FORCE_FLEX)
             out = lsh_flex.lsh_attention_flex(qk, v, buckets, self.bucket_size, self.causal,
                                               n_buckets, flex=lsh_flex.FORCE)

@@ -33,43 +33,79 @@ from .merge import output_shift, softmax_grad_
 
 
 # ------------------------------------------------------------------------------ hashing
-def random_rotations(heads: int, n_hashes: int, head_dim: int, n_buckets: int,
+def bucket_factors(n_buckets: int | tuple[int, ...]) -> tuple[int, ...]:
+    """An int (one rotation per round, the paper) or a tuple of factors (a factorised hash)
+    -> the factors."""
+    return tuple(n_buckets) if isinstance(n_buckets, (tuple, list)) else (n_buckets,)
+
+
+def total_buckets(n_buckets: int | tuple[int, ...]) -> int:
+    """The number of bucket ids: the int, or the product of the factors."""
+    return math.prod(bucket_factors(n_buckets))
+
+
+def factorized(n_buckets: int) -> tuple[int, int]:
+    """Two even factors (b1, b2), b1 about sqrt(b), whose product is b or a little more
+    (at most b + 2·sqrt(b)): 1024 -> (32, 32)."""
+    b1 = 2 * max(1, round(math.sqrt(n_buckets) / 2))
+    return b1, 2 * -(-n_buckets // (2 * b1))
+
+
+def random_rotations(heads: int, n_hashes: int, head_dim: int,
+                     n_buckets: int | tuple[int, ...],
                      generator: torch.Generator | None = None, device=None,
                      dtype=torch.float32) -> torch.Tensor:
-    """(H, R, d, b/2) Gaussian rotations (section 2: "a random matrix R of size [d_k, b/2]")."""
-    half = max(n_buckets // 2, 1)
-    rot = torch.randn(heads, n_hashes, head_dim, half, generator=generator, dtype=torch.float32)
+    """(H, R, d, b/2) Gaussian rotations (section 2: "a random matrix R of size [d_k, b/2]");
+    factorised, the factors' rotations side by side: (H, R, d, b1/2 + b2/2 + ...)."""
+    width = sum(max(f // 2, 1) for f in bucket_factors(n_buckets))
+    rot = torch.randn(heads, n_hashes, head_dim, width, generator=generator, dtype=torch.float32)
     return rot.to(device=device, dtype=dtype)
 
 
 HASH_BLOCK_ELEMENTS = 1 << 24  # projections held at once while hashing (64 MiB in float32)
-# on CUDA, 256 MiB: at 64k tokens and 1024 buckets, 4 blocks a round instead of 16 (the host
-# launches ~6 kernels per block: 64 blocks were ~400 launches, more host time than GPU time)
+# on CUDA, 256 MiB: at 64k tokens and 1024 buckets, 16 blocks for the 4 rounds instead of 64 (the
+# host launches ~10 kernels per block: 64 blocks were ~600 launches, more host time than GPU time)
 CUDA_HASH_BLOCK_ELEMENTS = 1 << 26
+BIG_HASH_BLOCKS = None  # None: CUDA_HASH_BLOCK_ELEMENTS on CUDA; True/False force it (cuda_paths)
 
 
-def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
+def _argmax_both_signs(proj: torch.Tensor) -> torch.Tensor:
+    """proj (..., w) -> argmax([proj; -proj]) (..., ) in [0, 2w), without the concatenation."""
+    top, low = proj.max(dim=-1), proj.min(dim=-1)
+    return torch.where(top.values >= -low.values, top.indices, low.indices + proj.shape[-1])
+
+
+def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int | tuple[int, ...],
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """qk (B, H, N, d), rotations (H, R, d, b/2) -> buckets (B, H, R, N) in [0, b]; b = padding.
+    """qk (B, H, N, d), rotations (H, R, d, w) -> buckets (B, H, R, N) in [0, b]; b = padding.
 
-    One round and one block of tokens at a time: with b ~ N / bucket_size the projections of
-    all rounds (B, H, R, N, b/2) grow as N², while a block holds at most HASH_BLOCK_ELEMENTS."""
+    h(x) = argmax([xR; -xR]) per round. Factorised (n_buckets a tuple (b1, b2, ...), the Trax
+    implementation's "factorized hashing"): one such hash per factor, h = h1 + b1·h2 + ...,
+    so b1·b2 buckets cost b1/2 + b2/2 projections per token instead of b1·b2/2.
+    One block of tokens at a time, every round in one matmul: with b ~ N / bucket_size the
+    projections (B, H, N, R, w) grow as N², while a block holds at most HASH_BLOCK_ELEMENTS."""
     b_, h, n, _ = qk.shape
-    r, half = rotations.shape[1], rotations.shape[-1]
+    r, width = rotations.shape[1], rotations.shape[-1]
+    factors, total = bucket_factors(n_buckets), total_buckets(n_buckets)
     buckets = torch.zeros(b_, h, r, n, dtype=torch.long, device=qk.device)
-    if n_buckets > 1:
+    if total > 1:
         work = torch.promote_types(qk.dtype, torch.float32)
-        x, rot = qk.detach().to(work), rotations.to(work)
-        budget = CUDA_HASH_BLOCK_ELEMENTS if qk.is_cuda else HASH_BLOCK_ELEMENTS
-        rows = max(1, budget // (b_ * h * half))
-        for round_ in range(r):
-            for start in range(0, n, rows):
-                proj = torch.matmul(x[:, :, start:start + rows], rot[:, round_])  # (B, H, n', b/2)
-                top, low = proj.max(dim=-1), proj.min(dim=-1)  # argmax over [xR; -xR], no concat
-                buckets[:, :, round_, start:start + rows] = torch.where(
-                    top.values >= -low.values, top.indices, low.indices + half)
+        x = qk.detach().to(work)
+        rot = rotations.to(work).permute(0, 2, 1, 3).reshape(h, -1, r * width)  # (H, d, R·w)
+        big = qk.is_cuda if BIG_HASH_BLOCKS is None else BIG_HASH_BLOCKS
+        budget = CUDA_HASH_BLOCK_ELEMENTS if big else HASH_BLOCK_ELEMENTS
+        rows = max(1, budget // (b_ * h * r * width))
+        for start in range(0, n, rows):
+            proj = torch.matmul(x[:, :, start:start + rows], rot).unflatten(-1, (r, width))
+            bucket, offset, radix = None, 0, 1     # proj (B, H, n', R, w)
+            for f in factors:
+                half = f // 2
+                ids = _argmax_both_signs(proj[..., offset:offset + half])  # (B, H, n', R)
+                bucket = ids if bucket is None else bucket + ids * radix
+                offset, radix = offset + half, radix * f
+            buckets[..., start:start + rows] = bucket.transpose(-1, -2)
     if key_mask is not None:
-        buckets = buckets.masked_fill(~key_mask[:, None, None, :], n_buckets)
+        buckets = buckets.masked_fill(~key_mask[:, None, None, :], total)
     return buckets
 
 
