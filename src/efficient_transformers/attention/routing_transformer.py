@@ -114,11 +114,11 @@ class RoutingAttention(Attention):
         """Commitment loss for the routed vectors and, in training, the EMA step (after routing).
 
         vectors: unit vectors (B, Hr, N, d); scores: their centroid scores (B, Hr, N, C)."""
-        best = [s.max(dim=-1) for s in scores]
-        loss = sum(commitment_loss(x, b.values, b.indices, self.centroids, real)
-                   for x, b in zip(vectors, best)) / len(vectors)
+        assign = [s.argmax(dim=-1) for s in scores]   # (B, Hr, N) each
+        loss = sum(commitment_loss(x, a, self.centroids, real)
+                   for x, a in zip(vectors, assign)) / len(vectors)
         self.aux_loss = self.commitment * loss
-        self.ema_step(vectors, [b.indices for b in best], real)
+        self.ema_step(vectors, assign, real)
 
     def ema_step(self, vectors, assign, real):
         """In training, move the centroids towards the vectors assigned to them (after routing)."""
@@ -135,11 +135,11 @@ class RoutingAttention(Attention):
         with torch.no_grad():
             units = [unit_parts(t) for t in (q, k)]        # (x̂, |x|, clamped) per side
             scores, members = self.balanced_routing([u[0] for u in units], real)
-            best = [tuple(sc.max(dim=-1)) for sc in scores]
-        commitment = Commitment(units, best, mu, real, self.commitment)
+            assign = [sc.argmax(dim=-1) for sc in scores]
+        commitment = Commitment(units, assign, mu, real, self.commitment)
         out, self.aux_loss = routed_heads(qkv, self.heads, self.local_heads, *members, mask,
                                           commitment)
-        self.ema_step([u[0] for u in units], [b[1] for b in best], real)
+        self.ema_step([u[0] for u in units], assign, real)
         return out
 
     def routing(self, q, k, v, mask):

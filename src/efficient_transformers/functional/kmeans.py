@@ -121,17 +121,24 @@ def ema_centroids(centroids: torch.Tensor, x_hat: torch.Tensor, assign: torch.Te
     return F.normalize(torch.where(counts > 0, moved, centroids), dim=-1)
 
 
-def commitment_loss(x_hat: torch.Tensor, best: torch.Tensor, assign: torch.Tensor,
-                    centroids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+def assigned_centroids(centroids: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """centroids (H, C, d), assign (B, H, N) -> each token's centroid (B, H, N, d), one gather."""
+    h, c, d = centroids.shape
+    rows = assign + torch.arange(0, h * c, c, device=assign.device)[:, None]    # (B, H, N)
+    return centroids.reshape(h * c, d).index_select(0, rows.reshape(-1)).view(*assign.shape, d)
+
+
+def commitment_loss(x_hat: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
+                    real: torch.Tensor | None) -> torch.Tensor:
     """Mean over real tokens and heads of ||x_hat - mu(x_hat)||^2 with the centroids held fixed.
 
-    x_hat (B, H, N, d); best (B, H, N) = x_hat . mu(x_hat), the winning centroid's score and assign
-    its index; centroids (H, C, d); real (B, N) or None (every token real) -> scalar. Uses
-    ||x||^2 - 2 x.mu + ||mu||^2, so no (B, H, N, d) gather of centroids."""
+    x_hat (B, H, N, d); assign (B, H, N) the winning centroid's index; centroids (H, C, d);
+    real (B, N) or None (every token real) -> scalar. The distance to the gathered centroid
+    (B, H, N, d): its backward is elementwise, where the winning score's (through the max over
+    the (B, H, N, C) scores) would scatter into a (B, H, N, C) tensor and multiply it back."""
     dtype = torch.promote_types(x_hat.dtype, torch.float32)  # fp16/bf16 -> fp32
-    mu_sq = centroids.detach().to(dtype).square().sum(-1)  # (H, C)
-    mu_sq = mu_sq.expand(assign.shape[0], -1, -1).gather(2, assign)  # (B, H, N)
-    err = x_hat.to(dtype).square().sum(-1) - 2.0 * best.to(dtype) + mu_sq  # (B, H, N)
+    mu = assigned_centroids(centroids.detach().to(dtype), assign)
+    err = (x_hat.to(dtype) - mu).square().sum(-1)  # (B, H, N)
     if real is None:
         return err.mean()
     weight = real[:, None, :].to(dtype).expand_as(err)

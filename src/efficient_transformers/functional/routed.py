@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .dense import softmax_
-from .kmeans import commitment_loss, unit_vectors_grad
+from .kmeans import assigned_centroids, commitment_loss, unit_vectors_grad
 from .merge import output_shift, softmax_grad_
 
 
@@ -33,31 +33,29 @@ from .merge import output_shift, softmax_grad_
 class Commitment:
     """What the commitment term needs, taken without gradient, for the query and key vectors:
     units [(x̂ (B, Hr, N, d), |x| clamped (B, Hr, N, 1), clamped (B, Hr, N, 1))] per side,
-    best [(score of the nearest centroid, its index) (B, Hr, N)] per side, the centroids
+    assign [the nearest centroid's index (B, Hr, N)] per side, the centroids
     (Hr, C, d), real (B, N) and the weight of the term."""
     units: list
-    best: list
+    assign: list
     centroids: torch.Tensor
     real: torch.Tensor
     weight: float
 
     def loss(self) -> torch.Tensor:
         """weight · mean over the two sides of `commitment_loss`."""
-        total = sum(commitment_loss(u[0], b[0], b[1], self.centroids, self.real)
-                    for u, b in zip(self.units, self.best))
+        total = sum(commitment_loss(u[0], a, self.centroids, self.real)
+                    for u, a in zip(self.units, self.assign))
         return self.weight * total / len(self.units)
 
     def grads(self, d_loss: torch.Tensor) -> list[torch.Tensor]:
         """-> the gradient of each side's projected vectors x (B, Hr, N, d)."""
-        hr, c, d = self.centroids.shape
+        hr = self.centroids.shape[0]
         w = self.real.to(self.centroids.dtype)                              # (B, N)
         # d ||x̂ - μ||² = 2 (x̂ - μ), averaged over the real tokens and heads, then the sides
         coef = 2.0 * d_loss * self.weight / len(self.units) / (w.sum() * hr).clamp_min(1.0)
-        table = self.centroids.reshape(hr * c, d)
-        offset = torch.arange(hr, device=table.device)[:, None] * c       # (Hr, 1)
         out = []
-        for (x_hat, norm, clamped), (_, index) in zip(self.units, self.best):
-            mu = table.index_select(0, (index + offset).flatten()).view_as(x_hat)
+        for (x_hat, norm, clamped), index in zip(self.units, self.assign):
+            mu = assigned_centroids(self.centroids, index)
             d_hat = (x_hat - mu).mul_(w[:, None, :, None] * coef)           # (B, Hr, N, d)
             out.append(unit_vectors_grad(d_hat, x_hat, norm, clamped))
         return out
