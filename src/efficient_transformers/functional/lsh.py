@@ -79,8 +79,8 @@ def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int | tupl
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """qk (B, H, N, d), rotations (H, R, d, w) -> buckets (B, H, R, N) in [0, b]; b = padding.
 
-    h(x) = argmax([xR; -xR]) per round. Factorised (n_buckets a tuple (b1, b2, ...), the Trax
-    implementation's "factorized hashing"): one such hash per factor, h = h1 + b1·h2 + ...,
+    h(x) = argmax([xR; -xR]) per round. Factorised (n_buckets a tuple (b1, b2, ...), as the
+    authors' Trax code offers): one such hash per factor, h = h1 + b1·h2 + ...,
     so b1·b2 buckets cost b1/2 + b2/2 projections per token instead of b1·b2/2.
     One block of tokens at a time, every round in one matmul: with b ~ N / bucket_size the
     projections (B, H, N, R, w) grow as N², while a block holds at most HASH_BLOCK_ELEMENTS."""
