@@ -19,7 +19,8 @@ the two, device and host time: a layer of 400 calls cannot go under about 7 ms a
         --length 16384 --device cpu --dtype bf16
 
 Views and allocations move nothing and are not counted; an in-place operator reads and writes
-its target (counted twice).
+its target (counted twice), an out= argument is only written (counted once), a gather reads
+as many source elements as it writes.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def _flops(func, args, kwargs, out) -> float:
     return 0.0
 
 
+GATHERS = {"index_select", "gather"}  # read as many source elements as they write
+
+
+def _bytes(func, inputs, outputs) -> int:
+    """Bytes read and written: every input and output once, except a gather's source, which
+    is charged what the gather writes (the rows it picks: fewer than the source, or more when
+    rows repeat)."""
+    sizes = [t.numel() * t.element_size() for t in inputs + outputs]
+    if func.overloadpacket.__name__ in GATHERS and inputs and outputs:
+        sizes[0] = outputs[0].numel() * inputs[0].element_size()
+    return sum(sizes)
+
+
 class OperatorTraffic(TorchDispatchMode):
     """Per operator: [calls, bytes read + written, flops]; `table` and `total_ms` price them."""
 
@@ -111,12 +125,15 @@ class OperatorTraffic(TorchDispatchMode):
         kwargs = kwargs or {}
         self.dispatches += 1
         out = func(*args, **kwargs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        # an out= argument is only written: it is counted once, as an output
+        outs = {a.name for a in func._schema.arguments if a.is_out}
+        read = (args, {k: v for k, v in kwargs.items() if k not in outs})
+        inputs = [t for t in tree_flatten(read)[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not _moves_nothing(func, inputs, outputs):
             row = self.rows[func.__name__]
             row[0] += 1
-            row[1] += sum(t.numel() * t.element_size() for t in inputs + outputs)
+            row[1] += _bytes(func, inputs, outputs)
             row[2] += _flops(func, args, kwargs, out)
         return out
 
