@@ -264,6 +264,12 @@ def test_peers_run_beside_their_pair_and_at_the_peers_settings():
                           20.0),
                       rec("lucidrains_routing", "peer", "lucidrains_routing", 40.0)])
     assert [r["time_ratio"] for r in rows] == [0.5]
+    # memory_compressed pairs at the peer's convolution: one kernel per head
+    cases = build_cases(BenchConfig(models=["memory_compressed"], peers=True, modes=("fwdbwd",),
+                                    lengths=(256,), heads=4))
+    matched = [c for c in cases if c.get("for_peer") == "lucidrains_mem_compressed"]
+    assert [(c["label"], c["options"]) for c in matched] == [
+        ("memory_compressed [peer settings]", {"conv_groups": 4})]
 
 
 def test_peer_ratio_comes_from_alternating_runs_in_one_process(tmp_path, monkeypatch):

@@ -35,9 +35,9 @@ def compressed_oracle(attn, q, k, v, mask):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("n", [22, 24])
-def test_compressed_equals_oracle(causal, padded, n):
-    attn = small_attention("memory_compressed", causal=causal)
+@pytest.mark.parametrize("n,conv_groups", [(22, 1), (24, 1), (23, 2)])
+def test_compressed_equals_oracle(causal, padded, n, conv_groups):
+    attn = small_attention("memory_compressed", causal=causal, conv_groups=conv_groups)
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
     mask = random_mask(2, n, generator=gen) if padded else None
@@ -83,7 +83,29 @@ def test_compressed_decode_state_holds_slots_and_one_window():
     assert state["k"].shape[2] == 38 % 4 and state["ks"].shape[2] == 38 // 4
 
 
+def test_grouped_compression_is_one_kernel_per_head():
+    """conv_groups = heads: each head's slots are a strided convolution of that head's keys
+    alone, with the head's own slice of the weights; decode stays exact."""
+    attn = small_attention("memory_compressed", conv_groups=2)
+    c, d = attn.compression, attn.head_dim
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 2, 12, d, dtype=torch.float64, generator=gen) for _ in range(2))
+    ks, vs = attn.compress(k, v)
+    for slots, t, conv in ((ks, k, attn.compress_k), (vs, v, attn.compress_v)):
+        assert conv.weight.shape == (2 * d, d, c)
+        for h in range(2):
+            rows = slice(h * d, (h + 1) * d)
+            own = torch.nn.functional.conv1d(t[:, h].transpose(1, 2), conv.weight[rows],
+                                             conv.bias[rows], stride=c)
+            assert max_abs_diff(slots[:, h], own.transpose(1, 2)) < 1e-12
+    check_decode(small_attention("memory_compressed", causal=True, conv_groups=2), n=25)
+
+
 def test_options_are_checked():
+    with pytest.raises(ValueError, match="conv_groups"):
+        et.build_attention("memory_compressed", dim=16, heads=2, conv_groups=3)
+    with pytest.raises(ValueError, match="conv_groups"):
+        et.build_attention("memory_compressed", dim=16, heads=2, conv_groups=0)
     with pytest.raises(ValueError, match="kind"):
         et.build_attention("memory_compressed", dim=16, heads=2, kind="global")
     with pytest.raises(ValueError, match="compression"):

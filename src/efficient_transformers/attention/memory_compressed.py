@@ -4,6 +4,10 @@ Summarizing Long Sequences", section 4.2.4).
 - kind "compressed" (memory-compressed attention): keys and values are reduced by a strided 1-D
   convolution, kernel = stride = `compression` (paper: 3), over the projected k and v of all
   heads; every query attends to the N / compression slots. Cost O(N · N / compression).
+  `conv_groups` splits the convolution's channels into groups (`torch.nn.Conv1d`'s `groups`):
+  1 (default) mixes every channel, as the paper's convolution over the projected keys does;
+  `heads` compresses each head's keys with a kernel of its own, `heads` times fewer
+  multiply-adds and weights (the setting of the `memory-compressed-attention` package).
 - kind "local": the sequence is split into blocks of `block_size` (paper: 256) and attention runs
   within each block independently. Cost O(N · block_size).
 The paper's model alternates them (local, compressed, local, compressed, local):
@@ -42,14 +46,19 @@ class MemoryCompressedAttention(DenseAttention):
     small_options = {"compression": 3, "block_size": 4}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, kind: str = "compressed",
-                 compression: int = 3, block_size: int = 256):
+                 compression: int = 3, block_size: int = 256, conv_groups: int = 1):
         super().__init__(dim, heads, causal)
         self.kind = check_choice("kind", kind, ("compressed", "local"))
         self.compression = check_positive_int("compression", compression)
         self.block_size = check_positive_int("block_size", block_size)
+        self.conv_groups = check_positive_int("conv_groups", conv_groups)
+        if dim % conv_groups:
+            raise ValueError(f"conv_groups: expected a divisor of dim={dim} (1, or heads={heads} "
+                             f"for one kernel per head), got {conv_groups}")
         if self.kind == "compressed":
-            self.compress_k = nn.Conv1d(dim, dim, compression, stride=compression)
-            self.compress_v = nn.Conv1d(dim, dim, compression, stride=compression)
+            self.compress_k, self.compress_v = (
+                nn.Conv1d(dim, dim, compression, stride=compression, groups=conv_groups)
+                for _ in range(2))
 
     # ------------------------------------------------------------------------ compressed
     def compress(self, k, v):
@@ -135,4 +144,4 @@ class MemoryCompressedAttention(DenseAttention):
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, kind={self.kind!r}, compression={self.compression}, "
-                f"block_size={self.block_size}")
+                f"block_size={self.block_size}, conv_groups={self.conv_groups}")

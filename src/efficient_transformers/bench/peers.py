@@ -15,17 +15,20 @@ imported unless `--peers` runs it; a package that is missing is reported as "not
 | lucidrains_routing           | routing-transformer           | routing_transformer       | all heads routed, window 128 |
 | lucidrains_linear            | linear-attention-transformer  | linear_transformer        | default (softmax feature map) |
 | lucidrains_linear_causal     | linear-attention-transformer  | linear_transformer (causal)| same, causal |
-| lucidrains_mem_compressed    | memory-compressed-attention   | memory_compressed         | compression factor 3 |
+| lucidrains_mem_compressed    | memory-compressed-attention   | memory_compressed         | compression factor 3, conv per head |
 | lucidrains_isab              | isab-pytorch                  | set_transformer           | 64 latents |
 | lucidrains_axial             | axial-attention               | axial_transformer         | 2 axes, grid = grid_shape(N) (64×64 at 4k) |
 | hf_longformer                | transformers                  | longformer                | LongformerAttention, window 512 |
 | hf_bigbird                   | transformers                  | bigbird                   | whole 1-layer BigBirdModel, block 64, 3 random |
 
-Where our defaults differ from the peer's settings, `Peer.options(n)` gives the options that set
-our mechanism to the peer's settings at length n, and the paired case of ours runs with them under
-its own label (`routing_transformer [peer settings]`): the ratio compares the same configuration.
-Only `routing_transformer` needs it: by default it mixes local heads with routed heads and keeps 32
-clusters, while the peer routes every head into clusters of `window_size` = 128 tokens.
+Where our defaults differ from the peer's settings, `Peer.options(n, heads)` gives the options
+that set our mechanism to the peer's settings at length n, and the paired case of ours runs with
+them under its own label (`routing_transformer [peer settings]`): the ratio compares the same
+configuration. `routing_transformer` needs it: by default it mixes local heads with routed heads
+and keeps 32 clusters, while the peer routes every head into clusters of `window_size` = 128
+tokens. So does `memory_compressed`: by default its compressing convolution mixes every channel
+(the paper's convolution over the projected keys), while the peer's is grouped by head
+(`conv_groups=heads`, `heads` times fewer multiply-adds).
 
 `lucidrains_local` pairs with `image_transformer` because Parmar et al.'s 1-D local attention
 (query blocks over a neighbourhood of memory blocks) is the survey's local-window model. The
@@ -54,7 +57,8 @@ class Peer:
     causal: bool
     settings: str
     build: Callable[[int, int, int], nn.Module]   # (dim, heads, n) -> module (B, N, dim) -> same
-    options: Callable[[int], dict[str, Any]] | None = None  # n -> ours at the peer's settings
+    options: Callable[[int, int], dict[str, Any]] | None = None  # (n, heads) -> ours at the
+    #                                                              peer's settings
 
     @property
     def ours_label(self) -> str:
@@ -122,8 +126,12 @@ def _routing(dim, heads, n):
                                 window_size=128, dim_head=dim // heads))
 
 
-def _routing_options(n):  # every head routed; clusters of 128 tokens, as window_size=128
+def _routing_options(n, heads):  # every head routed; clusters of 128 tokens, as window_size=128
     return {"local_heads": 0, "num_clusters": max(1, n // 128)}
+
+
+def _mem_compressed_options(n, heads):  # the peer's ConvCompress: one kernel per head
+    return {"conv_groups": heads}
 
 
 def _linear(causal):
@@ -212,7 +220,8 @@ PEERS: dict[str, Peer] = {p.name: p for p in [
          "linear_attention_transformer", "linear_transformer", True, "default, causal",
          _linear(True)),
     Peer("lucidrains_mem_compressed", "memory-compressed-attention", "memory_compressed_attention",
-         "memory_compressed", False, "compression factor 3", _mem_compressed),
+         "memory_compressed", False, "compression factor 3, convolution grouped by head",
+         _mem_compressed, options=_mem_compressed_options),
     Peer("lucidrains_isab", "isab-pytorch", "isab_pytorch", "set_transformer", False,
          "64 latents", _isab),
     Peer("lucidrains_axial", "axial-attention", "axial_attention", "axial_transformer", False,

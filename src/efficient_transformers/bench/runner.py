@@ -89,7 +89,7 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
         if peer is not None and peer.options is not None and peer.ours in registered:
             # ours at the peer's settings, just before the peer's own cases
             cases += [dict(base, kind="ours", target=peer.ours, mode=mode, causal=causal, n=n,
-                           label=peer.ours_label, options=peer.options(n), registered=True,
+                           label=peer.ours_label, options=peer.options(n, cfg.heads), registered=True,
                            for_peer=name) for mode, causal in runs for n in lengths]
         for mode, causal in runs:
             for n in lengths:
@@ -98,7 +98,7 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
                 if peer is not None and mode == "fwdbwd" and peer.ours in registered:
                     # after its own runs, the peer's worker times ours against it, alternating
                     case["pair"] = {"target": peer.ours, "causal": peer.causal,
-                                    "options": peer.options(n) if peer.options else {}}
+                                    "options": peer.options(n, cfg.heads) if peer.options else {}}
                 cases.append(case)
     return sorted(cases, key=_case_order(targets))
 
