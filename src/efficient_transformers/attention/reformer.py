@@ -4,9 +4,9 @@
   the number of buckets follows from the (internally padded) length, b = P / bucket_size (rounded
   up to an even number; 1 when P <= bucket_size), unless `n_buckets` fixes it.
 - Factorised hashing (offered by the authors' Trax code and by Hugging Face's `ReformerConfig`
-  to save memory at long lengths): `n_buckets=(b1, b2)` hashes each
-  round twice, h = h1 + b1·h2 with b1/2 and b2/2 rotation columns, b1·b2 buckets for b1/2 + b2/2
-  projections per token instead of b1·b2/2. Without `n_buckets`, a length-derived count b above
+  to save memory at long lengths): `n_buckets=(b1, b2)` hashes each round twice, h = h1 + b1·h2
+  with b1/2 and b2/2 rotation columns, b1·b2 buckets for b1/2 + b2/2 projections per token
+  instead of b1·b2/2. Without `n_buckets`, a length-derived count b above
   2·bucket_size (b/2 projections per token and round, more than a chunk's bucket_size tokens)
   is factorised into two even factors near √b (256 -> 16 × 16, 1024 -> 32 × 32; N > 8k at
   bucket size 64): hashing then costs O(N·√(N/bucket_size)) instead of O(N²/bucket_size). An
@@ -96,7 +96,8 @@ class ReformerAttention(Attention):
     small_options = {"bucket_size": 4, "n_hashes": 2, "n_buckets": 4}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, bucket_size: int = 64,
-                 n_hashes: int = 4, n_buckets: int | tuple[int, ...] | None = None, redraw: bool = False):
+                 n_hashes: int = 4, n_buckets: int | tuple[int, ...] | None = None,
+                 redraw: bool = False):
         super().__init__(dim, heads, causal)
         self.bucket_size = check_positive_int("bucket_size", bucket_size)
         self.n_hashes = check_positive_int("n_hashes", n_hashes)
@@ -122,7 +123,8 @@ class ReformerAttention(Attention):
         return length_buckets(padded_len, self.bucket_size)
 
     def rotations(self, n_buckets: int, device, dtype) -> torch.Tensor:
-        """(H, R, d, b/2) (factorised: b1/2 + b2/2 + ... columns), fixed per layer (or fresh from torch's RNG with redraw in training)."""
+        """(H, R, d, b/2) (factorised: b1/2 + b2/2 + ... columns), fixed per layer (or fresh
+        from torch's RNG with redraw in training)."""
         if self.redraw and self.training:
             return random_rotations(self.heads, self.n_hashes, self.head_dim, n_buckets,
                                     device=device, dtype=dtype)

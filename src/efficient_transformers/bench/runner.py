@@ -89,8 +89,9 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
         if peer is not None and peer.options is not None and peer.ours in registered:
             # ours at the peer's settings, just before the peer's own cases
             cases += [dict(base, kind="ours", target=peer.ours, mode=mode, causal=causal, n=n,
-                           label=peer.ours_label, options=peer.options(n, cfg.heads), registered=True,
-                           for_peer=name) for mode, causal in runs for n in lengths]
+                           label=peer.ours_label, options=peer.options(n, cfg.heads),
+                           registered=True, for_peer=name)
+                      for mode, causal in runs for n in lengths]
         for mode, causal in runs:
             for n in lengths:
                 case = dict(base, kind=kind, target=name, mode=mode, causal=causal, n=n,

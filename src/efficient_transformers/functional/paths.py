@@ -10,9 +10,9 @@ def cuda_paths():
     """Inside the block every layer takes the paths that the device picks on CUDA (bf16 kernels
     kept in bf16, axial heads folded into the batch, grid lines and global keys as FlashAttention
     calls, k-means sums by index, the few global rows by explicit matmuls, LSH hashing in CUDA's
-    larger blocks), whatever device it runs on; the previous switches come back afterwards. For tests and the traffic estimate
-    (`bench/traffic.py`) on the CPU. FlexAttention, which has no backward on the CPU, is not
-    switched."""
+    larger blocks), whatever device it runs on; the previous switches come back afterwards.
+    For tests and the traffic estimate (`bench/traffic.py`) on the CPU. FlexAttention, which
+    has no backward on the CPU, is not switched."""
     from . import axial, flash, global_local, grid_flash, kernels, kmeans, lsh
 
     switches = [(kernels, "KEEP_BF16"), (axial, "FOLD_HEADS"), (grid_flash, "GRID_FLASH"),
