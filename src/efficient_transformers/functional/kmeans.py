@@ -77,6 +77,12 @@ def balanced_members(scores: torch.Tensor, size: int, real: torch.Tensor | None)
     return s.topk(size, dim=-1, sorted=False).indices
 
 
+def centroid_rows(assign: torch.Tensor, clusters: int) -> torch.Tensor:
+    """assign (B, H, N) cluster indices -> rows (B, H, N) of the centroids as an (H·C, d) table."""
+    h = assign.shape[1]
+    return assign + torch.arange(0, h * clusters, clusters, device=assign.device)[:, None]
+
+
 EMA_BY_INDEX: bool | None = None  # None: `ema_centroids` sums by index on CUDA; True / False: forced
 
 
@@ -100,7 +106,7 @@ def ema_centroids(centroids: torch.Tensor, x_hat: torch.Tensor, assign: torch.Te
     if by_index is None:
         by_index = x.is_cuda if EMA_BY_INDEX is None else EMA_BY_INDEX
     if by_index:
-        rows = (assign + torch.arange(0, h * c, c, device=assign.device)[:, None]).reshape(-1)
+        rows = centroid_rows(assign, c).reshape(-1)                          # (B·H·N,)
         vectors = x.reshape(-1, d)                                            # (B·H·N, d)
         if real is None:   # (bincount's length depends on the data: no graph under compile)
             weight = x.new_ones(1, 1).expand(rows.shape[0], 1)               # (B·H·N, 1)
@@ -124,8 +130,8 @@ def ema_centroids(centroids: torch.Tensor, x_hat: torch.Tensor, assign: torch.Te
 def assigned_centroids(centroids: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """centroids (H, C, d), assign (B, H, N) -> each token's centroid (B, H, N, d), one gather."""
     h, c, d = centroids.shape
-    rows = assign + torch.arange(0, h * c, c, device=assign.device)[:, None]    # (B, H, N)
-    return centroids.reshape(h * c, d).index_select(0, rows.reshape(-1)).view(*assign.shape, d)
+    rows = centroid_rows(assign, c).reshape(-1)
+    return centroids.reshape(h * c, d).index_select(0, rows).view(*assign.shape, d)
 
 
 def commitment_loss(x_hat: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
