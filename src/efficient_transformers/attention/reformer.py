@@ -122,7 +122,7 @@ class ReformerAttention(Attention):
             return CAUSAL_BUCKETS
         return length_buckets(padded_len, self.bucket_size)
 
-    def rotations(self, n_buckets: int, device, dtype) -> torch.Tensor:
+    def rotations(self, n_buckets: int | tuple[int, ...], device, dtype) -> torch.Tensor:
         """(H, R, d, b/2) (factorised: b1/2 + b2/2 + ... columns), fixed per layer (or fresh
         from torch's RNG with redraw in training)."""
         if self.redraw and self.training:
@@ -140,8 +140,10 @@ class ReformerAttention(Attention):
         self._rotations = {key: random_rotations(self.heads, self.n_hashes, self.head_dim,
                                                  n_buckets, gen, device, dtype)}
 
-    def hash(self, qk: torch.Tensor, n_buckets: int, key_mask=None) -> torch.Tensor:
-        """qk (B, H, N, d) -> buckets (B, H, R, N); padded positions get bucket n_buckets."""
+    def hash(self, qk: torch.Tensor, n_buckets: int | tuple[int, ...],
+             key_mask=None) -> torch.Tensor:
+        """qk (B, H, N, d) -> buckets (B, H, R, N); padded positions get the padding bucket (the
+        total count)."""
         work = torch.promote_types(qk.dtype, torch.float32)
         return lsh_buckets(qk, self.rotations(n_buckets, qk.device, work), n_buckets, key_mask)
 
