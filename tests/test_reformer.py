@@ -12,8 +12,8 @@ import efficient_transformers as et
 from efficient_transformers.functional import lsh
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.lsh import (
-    causal_allowed_rounds, chunked_allowed_rounds, lsh_attention, lsh_buckets,
-    naive_lsh_attention, random_rotations, union_with_self,
+    RoundSort, causal_allowed_rounds, chunked_allowed_rounds, lsh_attention, lsh_buckets,
+    naive_lsh_attention, random_rotations, token_rows, union_with_self,
 )
 from helpers import assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention
 
@@ -106,6 +106,41 @@ def test_causal_sets_are_the_most_recent_of_the_bucket():
     expected = {0: {0}, 1: {0}, 2: {2}, 3: {0, 1}, 4: {1, 3}, 5: {2}}  # nothing earlier: itself
     for i, keys in expected.items():
         assert set(sets[i].nonzero().flatten().tolist()) == keys, i
+
+
+@pytest.mark.parametrize("layout", ["heads_first", "projection"])
+def test_round_sort_moves_rows_and_merges_rounds_as_indexed(layout):
+    """RoundSort's gathers and its embedding_bag merge against indexing by the sort order
+    (round r's slot s holds position order[r, s]), values and gradients; x in either layout
+    (the projection's (B, P, H, w) memory, as `split_heads` gives, or contiguous (B, H, P, w))."""
+    b, h, r, p, w = 2, 3, 3, 10, 5
+    gen = torch.Generator().manual_seed(4)
+    buckets = torch.randint(0, 3, (b, h, r, p), generator=gen)
+    sort = RoundSort(buckets)
+    order = buckets * p + torch.arange(p)
+    order = order.sort(dim=-1).indices                                      # (B, H, R, P)
+    base = torch.randn(b, p, h, w, dtype=torch.float64, generator=gen)
+    x = (base.transpose(1, 2) if layout == "projection" else base.transpose(1, 2).contiguous())
+    x.requires_grad_()
+    expected = x[:, :, None].expand(b, h, r, p, w).gather(3, order[..., None].expand(-1, -1, -1, -1, w))
+    assert_values_and_gradients_match(sort.sorted_rows(token_rows(x)), expected.reshape(-1, w),
+                                      [x], tol=1e-12)
+
+    out_s = torch.randn(b * h * r * p, w, dtype=torch.float64, generator=gen).requires_grad_()
+    lse_s = torch.randn(b * h * r * p, dtype=torch.float64, generator=gen)
+    lse_s[torch.rand(lse_s.shape, generator=gen) < 0.4] = float("-inf")   # empty rounds
+    lse_s.view(b, h, r, p)[0, 0, :, :3] = float("-inf")                   # empty unions
+    lse_s.requires_grad_()
+    v = torch.randn(b, h, p, w, dtype=torch.float64, generator=gen).requires_grad_()
+    merged = sort.merge_rounds(out_s, lse_s, v)
+    rank = order.argsort(dim=-1)                                            # position -> slot
+    out_p = out_s.view(b, h, r, p, w).gather(3, rank[..., None].expand(-1, -1, -1, -1, w))
+    lse_p = lse_s.view(b, h, r, p).gather(3, rank)                          # (B, H, R, P)
+    empty = torch.isinf(lse_p).all(dim=2)                                   # (B, H, P)
+    weights = torch.softmax(lse_p.masked_fill(empty[:, :, None], 0.0), dim=2)
+    expected = torch.where(empty[..., None], v, (weights[..., None] * out_p).sum(dim=2))
+    assert empty.any() and not empty.all()
+    assert_values_and_gradients_match(merged, expected, [out_s, lse_s, v], tol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

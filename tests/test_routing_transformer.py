@@ -12,8 +12,9 @@ import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.functional.kmeans import (
     balanced_allowed, balanced_members, centroid_scores, ema_centroids, routed_attention,
-    unit_vectors, window_allowed,
+    window_allowed,
 )
+from efficient_transformers.functional.unit import unit_vectors
 from efficient_transformers.functional.routed import routed_heads
 from helpers import assert_equals_dense_attention, assert_values_and_gradients_match, max_abs_diff, random_mask
 

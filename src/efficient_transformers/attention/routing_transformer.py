@@ -43,8 +43,9 @@ from torch import nn
 from ..functional.kmeans import (
     balanced_members, centroid_scores, commitment_loss, ema_centroids, group_ranks,
     grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group,
-    unit_parts, unit_vectors, unpermute,
+    unpermute,
 )
+from ..functional.unit import unit_parts, unit_vectors
 from ..functional.global_cuda import flex_or_none
 from ..functional.global_local import DilatedWindow
 from ..functional.routed import Commitment, routed_heads

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .dense import naive_attention, softmax_
 from .merge import output_shift, softmax_grad_
+from .unit import unit_vectors
 
 
 # ------------------------------------------------------------------------------ hashing
@@ -191,18 +192,20 @@ def _window_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 
 class _SortRounds(torch.autograd.Function):
-    """x (B·H·P, w) -> its rows in every round's sorted order after `pad` zero rows,
+    """x (B·P·H, w) -> its rows in every round's sorted order after `pad` zero rows,
     (pad + B·H·R·P, w).
 
-    `to_sorted` (B·H·R·P,) picks, for each sorted slot, the source row; `to_slots` is the inverse:
-    for (b, h, r, p), the slot holding position p in round r. `shape` = (B·H, R, P).
+    `to_sorted` (B·H·R·P,) picks, for each sorted slot, the source row; `bags` (B·P·H, R) is the
+    inverse: for each row, the slots holding it in the R rounds.
     Backward is `_UnsortRounds` and the other way round: the two are adjoint.
     """
 
     @staticmethod
-    def forward(ctx, x, to_sorted, to_slots, shape, pad=0):
-        ctx.save_for_backward(to_sorted, to_slots)
-        ctx.shape, ctx.pad = shape, pad
+    def forward(ctx, x, to_sorted, bags, pad=0):
+        ctx.save_for_backward(to_sorted, bags)
+        ctx.pad = pad
+        if not pad:
+            return x.index_select(0, to_sorted)
         out = x.new_empty(pad + to_sorted.numel(), x.shape[-1])
         out[:pad] = 0
         torch.index_select(x, 0, to_sorted, out=out[pad:])
@@ -211,27 +214,46 @@ class _SortRounds(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         g = g[ctx.pad:]
-        return _UnsortRounds.apply(g, *ctx.saved_tensors, ctx.shape), None, None, None, None
+        return _UnsortRounds.apply(g, *ctx.saved_tensors), None, None, None
 
 
 class _UnsortRounds(torch.autograd.Function):
-    """y (B·H·R·P, w) in sorted order -> (B·H·P, w): each position's rows of all rounds summed
-    (a gather by the inverse permutation per round; no scatter-add)."""
+    """y (B·H·R·P, w) in sorted order -> (B·P·H, w): each row's slots of all rounds summed, one
+    `embedding_bag` (a gather and a sum per row in one kernel; no scatter-add, no atomics)."""
 
     @staticmethod
-    def forward(ctx, y, to_sorted, to_slots, shape):
-        ctx.save_for_backward(to_sorted, to_slots)
-        ctx.shape = shape
-        slots = to_slots.view(shape)  # (B·H, R, P)
-        out = y.index_select(0, slots[:, 0].reshape(-1))
-        part = torch.empty_like(out)  # one buffer for the other rounds
-        for r in range(1, shape[1]):
-            out += torch.index_select(y, 0, slots[:, r].reshape(-1), out=part)
-        return out
+    def forward(ctx, y, to_sorted, bags):
+        ctx.save_for_backward(to_sorted, bags)
+        return F.embedding_bag(bags, y, mode="sum")
 
     @staticmethod
     def backward(ctx, g):
-        return _SortRounds.apply(g, *ctx.saved_tensors, ctx.shape), None, None, None
+        return _SortRounds.apply(g, *ctx.saved_tensors), None, None
+
+
+class _MergeRounds(torch.autograd.Function):
+    """The rounds' outputs y (B·H·R·P, e) in sorted order, weighted by w (B, H, R, P) (per round
+    and position) and summed per position -> (B·P·H, e) rows: one `embedding_bag` with per-slot
+    weights. Backward: each row's gradient gathered to its slots (g_s), the weights' gradient
+    as the row dot y · g_s, y's as w · g_s.
+
+    to_sorted (B·H·R·P,): slot -> row; bags (B·P·H, R): row -> its slots; to_slot (B·H·R·P,):
+    (b, h, r, p) -> slot; from_slot: slot -> (b, h, r, p)."""
+
+    @staticmethod
+    def forward(ctx, y, w, to_sorted, bags, to_slot, from_slot):
+        ctx.save_for_backward(y, w, to_sorted, to_slot, from_slot)
+        per_slot = w.permute(0, 3, 1, 2).reshape(bags.shape)        # (B·P·H, R), like bags
+        return F.embedding_bag(bags, y, per_sample_weights=per_slot, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        y, w, to_sorted, to_slot, from_slot = ctx.saved_tensors
+        g_s = g.index_select(0, to_sorted)                          # (B·H·R·P, e)
+        g_w = torch.linalg.vecdot(y, g_s).index_select(0, to_slot).view(w.shape)
+        g_s.mul_(w.reshape(-1).index_select(0, from_slot)[:, None])
+        return g_s, g_w, None, None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -312,12 +334,24 @@ def _blocked_pairs(rounds: "RoundSort", chunk, causal, n_buckets):
     return blocked
 
 
+def token_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, P, w) -> (B·P·H, w): one row per (b, position, head), the layout of the (B, P, H·w)
+    projection that `split_heads` viewed (no copy for such a view)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[-1])
+
+
+def from_token_rows(rows: torch.Tensor, b_: int, h: int, p: int) -> torch.Tensor:
+    """(B·P·H, w) -> the (B, H, P, w) view (`token_rows` inverted)."""
+    return rows.view(b_, p, h, -1).transpose(1, 2)
+
+
 class RoundSort:
     """The sorted order of every round and its bookkeeping, from buckets (B, H, R, P).
 
+    Rows are `token_rows`: (b, position, head). Slots are (b, h, r, sorted index).
     order (B, H, R, P): positions by (bucket, position) per round; rank: its inverse;
-    flat (B·H·R·P,): sorted slot -> row of a (B·H·P, w) tensor; to_slot: (b, h, r, position) ->
-    its sorted slot; from_slot: sorted slot -> (b, h, r, position); shape (B·H, R, P)."""
+    flat (B·H·R·P,): slot -> row; bags (B·P·H, R): row -> its slot in each round; to_slot:
+    (b, h, r, position) -> its slot; from_slot: slot -> (b, h, r, position); shape (B·H, R, P)."""
 
     def __init__(self, buckets: torch.Tensor):
         b_, h, r, p = buckets.shape
@@ -327,12 +361,16 @@ class RoundSort:
         self.order = sort_by_bucket(buckets)
         self.rank = torch.empty_like(self.order).scatter_(-1, self.order,
                                                           positions.expand_as(self.order))
-        rows = (torch.arange(b_ * h, device=dev) * p).view(b_, h, 1, 1)
-        self.flat = (self.order + rows).reshape(-1)
-        slot0 = rows * r + torch.arange(r, device=dev).view(1, 1, r, 1) * p  # a round's first slot
-        self.to_slot = (self.rank + slot0).reshape(-1)
+        row0 = (torch.arange(b_, device=dev).view(b_, 1, 1, 1) * (p * h)
+                + torch.arange(h, device=dev).view(1, h, 1, 1))     # row of (b, 0, h)
+        self.flat = (self.order * h + row0).reshape(-1)
+        bh = torch.arange(b_ * h, device=dev).view(b_, h, 1, 1) * (r * p)
+        slot0 = bh + torch.arange(r, device=dev).view(1, 1, r, 1) * p  # a round's first slot
+        to_slot = self.rank + slot0                                     # (B, H, R, P)
+        self.to_slot = to_slot.reshape(-1)
+        self.bags = to_slot.permute(0, 3, 1, 2).reshape(-1, r)          # (B·P·H, R)
         self.from_slot = (self.order + slot0).reshape(-1)
-        self.shape = (b_ * h, r, p)
+        self.shape = (b_, h, r, p)
 
     def sorted_buckets(self) -> torch.Tensor:
         """(B, H, R, P): each round's bucket ids in its sorted order."""
@@ -343,12 +381,13 @@ class RoundSort:
         (lo, hi)): `round_locations` read in each round's sorted order."""
         b_, h, r, p = self.buckets.shape
         loc, window = round_locations(self.buckets, self.rank, chunk, causal, n_buckets)
-        loc = loc.permute(0, 1, 3, 2).reshape(-1, r).index_select(0, self.flat)
+        loc = loc.permute(0, 3, 1, 2).reshape(-1, r).index_select(0, self.flat)
         return loc.view(b_, h, r, p, r), window
 
     def sorted_rows(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
-        """x (B·H·P, w) -> (pad + B·H·R·P, w): every round's sorted order after `pad` zero rows."""
-        return _SortRounds.apply(x, self.flat, self.to_slot, self.shape, pad)
+        """x (B·P·H, w) `token_rows` -> (pad + B·H·R·P, w): every round's sorted order after
+        `pad` zero rows."""
+        return _SortRounds.apply(x, self.flat, self.bags, pad)
 
     def merge_rounds(self, out_s: torch.Tensor, lse_s: torch.Tensor,
                      v: torch.Tensor) -> torch.Tensor:
@@ -356,17 +395,16 @@ class RoundSort:
         order (-inf where a round's set is empty) -> (B, H, P, e): weighted by
         softmax_r(lse_r) per position; a position whose union is empty gets its own value v
         (B, H, P, e)."""
-        b_, h, p, e = v.shape
-        r = self.shape[1]
+        b_, h, r, p = self.shape
         lse = _Permute.apply(lse_s, self.to_slot, self.from_slot).view(b_, h, r, p)
         lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
         any_set = torch.isfinite(lse).any(dim=2, keepdim=True)  # (B, H, 1, P)
         round_w = torch.softmax(torch.where(any_set, lse, 0.0), dim=2).to(out_s.dtype)
-        w_sorted = _Permute.apply(round_w.reshape(-1), self.from_slot, self.to_slot)
-        weighted = out_s * w_sorted[:, None]
-        combined = _UnsortRounds.apply(weighted, self.flat, self.to_slot,
-                                       self.shape).view(b_, h, p, e)
-        return torch.where(any_set.squeeze(2)[..., None], combined, v)  # empty union: itself
+        combined = _MergeRounds.apply(out_s, round_w, self.flat, self.bags, self.to_slot,
+                                      self.from_slot)                      # (B·P·H, e)
+        any_row = any_set.permute(0, 3, 1, 2).reshape(-1, 1)               # (B·P·H, 1)
+        out = torch.where(any_row, combined, token_rows(v))  # an empty union: its own value
+        return from_token_rows(out, b_, h, p)
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chunk: int,
@@ -386,8 +424,8 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, chun
     rounds = RoundSort(buckets)
 
     # one gather of [q·scale, k = q/|q|, v] into sorted order, after one chunk of padding
-    rows_in = torch.cat([qk * scale, F.normalize(qk, dim=-1), v], dim=-1)
-    packed = rounds.sorted_rows(rows_in.reshape(-1, 2 * d + e), pad=c)
+    rows_in = torch.cat([t.transpose(1, 2) for t in (qk * scale, unit_vectors(qk), v)], dim=-1)
+    packed = rounds.sorted_rows(rows_in.flatten(0, 2), pad=c)   # rows_in (B, P, H, 2d + e)
     if n_buckets is None:
         n_buckets = int(buckets.max())
     blocked = _blocked_pairs(rounds, c, causal, n_buckets)

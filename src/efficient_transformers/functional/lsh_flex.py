@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .flex import flex_callable, flex_with_lse
-from .lsh import RoundSort
+from .lsh import RoundSort, token_rows
+from .unit import unit_vectors
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key)
 FORCE = None  # tests: a flex_attention callable (its eager reference) reformer uses on any device
@@ -87,10 +88,11 @@ def lsh_attention_flex(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rounds = RoundSort(buckets)
 
-    # [q, k = q/|q|, v] in every round's sorted order: (B, H·R, P, ·), rounds as heads
-    rows = torch.cat([qk, F.normalize(qk, dim=-1), v], dim=-1).reshape(-1, 2 * d + e)
-    packed = rounds.sorted_rows(rows).view(b_, h * r, p, 2 * d + e)
-    q_s, k_s, v_s = packed.split([d, d, e], dim=-1)
+    # q, k = q/|q| and v in every round's sorted order: (B, H·R, P, ·), rounds as heads. Three
+    # gathers, not one of [q, k, v]: their gradients come back apart, and a packed gather's
+    # backward would first concatenate them
+    q_s, k_s, v_s = (rounds.sorted_rows(token_rows(t)).view(b_, h * r, p, -1)
+                     for t in (qk, unit_vectors(qk), v))
 
     pad = (-p) % block
     sorted_buckets = rounds.sorted_buckets().view(b_, h * r, p)

@@ -1,7 +1,7 @@
 """CPU fast path of the Routing Transformer's balanced (non-causal) routing heads: one autograd
 node from the (B, N, 3·H·d) projection to the heads' outputs and the commitment loss.
 
-Same definition as the composition it replaces (`kmeans.unit_vectors`, `kmeans.commitment_loss`,
+Same definition as the composition it replaces (`unit.unit_vectors`, `kmeans.commitment_loss`,
 `kmeans.routed_attention`): query i's output is the mean over the clusters that selected it of
 softmax(q_i K_cᵀ / sqrt(d)) V_c over the real keys of cluster c (0 where no cluster chose it),
 and the loss is the commitment term ||x̂ - μ(x̂)||² of the routed unit vectors.
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from .dense import softmax_
-from .kmeans import assigned_centroids, commitment_loss, unit_vectors_grad
+from .kmeans import assigned_centroids, commitment_loss
 from .merge import output_shift, softmax_grad_
+from .unit import unit_vectors_grad
 
 
 @dataclass
