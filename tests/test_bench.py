@@ -510,11 +510,14 @@ def test_operator_traffic_counts_bytes_and_flops_and_skips_views():
         torch.empty(1000, 1000)            # an allocation moves nothing
         index = torch.arange(8)
         torch.index_select(c, 0, index, out=torch.empty(8, 16))  # out= written, not read
+        column = torch.arange(64)[:, None].expand(64, 16)           # a broadcast index (view)
+        torch.zeros(64, 16).scatter_add_(0, column, c)   # the index read as its 64 longs
     rows = dict(counter.rows)
     assert rows["mm.default"] == [1, (64 * 32 + 32 * 16 + 64 * 16) * 4, 2 * 64 * 32 * 16]
     assert rows["clone.default"][1] == 2 * 64 * 16 * 4
     assert rows["add_.Tensor"][:2] == [1, 2 * 64 * 16 * 4]
     assert rows["index_select.out"][1] == (8 * 16 + 8 * 16) * 4 + 8 * 8  # picked rows, index
+    assert rows["scatter_add_.default"][1] == 2 * 64 * 16 * 4 + 64 * 8 + 64 * 16 * 4
     assert not any(name.startswith(("t.", "view", "_unsafe_view", "empty")) for name in rows)
     # priced as max(bytes / bandwidth, flops / peak): the matmul is bound by its flops here
     assert counter.op_ms(rows["mm.default"]) == pytest.approx(1e3 * 2 * 64 * 32 * 16 / 1e9)

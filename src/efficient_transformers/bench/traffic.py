@@ -20,7 +20,8 @@ the two, device and host time: a layer of 400 calls cannot go under about 7 ms a
 
 Views and allocations move nothing and are not counted; an in-place operator reads and writes
 its target (counted twice), an out= argument is only written (counted once), a gather reads
-as many source elements as it writes.
+as many source elements as it writes, and a broadcast operand (an `expand`ed view: stride 0)
+is charged its distinct elements.
 """
 
 from __future__ import annotations
@@ -73,11 +74,21 @@ def _flops(func, args, kwargs, out) -> float:
 GATHERS = {"index_select", "gather"}  # read as many source elements as they write
 
 
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's distinct elements: a dimension of stride 0 (broadcast by `expand`)
+    repeats the same elements and adds none."""
+    count = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            count *= size
+    return count * t.element_size() if t.numel() else 0
+
+
 def _bytes(func, inputs, outputs) -> int:
-    """Bytes read and written: every input and output once, except a gather's source, which
-    is charged what the gather writes (the rows it picks: fewer than the source, or more when
-    rows repeat)."""
-    sizes = [t.numel() * t.element_size() for t in inputs + outputs]
+    """Bytes read and written: every input and output's distinct elements once, except a
+    gather's source, which is charged what the gather writes (the rows it picks: fewer than the
+    source, or more when rows repeat)."""
+    sizes = [_distinct_bytes(t) for t in inputs + outputs]
     if func.overloadpacket.__name__ in GATHERS and inputs and outputs:
         sizes[0] = outputs[0].numel() * inputs[0].element_size()
     return sum(sizes)
