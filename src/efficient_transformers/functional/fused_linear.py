@@ -88,7 +88,8 @@ def _features_backward_(feats, states, den, ok, d_q, d_s, heads, d_k_out, d_v_ou
     (d_num · φ(q) S = φ(q) · d_num Sᵀ)."""
     q, k, v = _heads(feats, heads)                                       # (H, N, d) each
     z = states[..., -1:]                                                 # (H, d, 1)
-    d_den = torch.linalg.vecdot(q, d_q, dim=-1)[..., None]              # (H, N, 1)
+    # (H, N, 1); the products in d_k_out, scratch until d_k is written there
+    d_den = torch.mul(q, d_q, out=d_k_out).sum(dim=-1, keepdim=True)
     d_den.div_(den).neg_().mul_(ok)
     d_z = torch.bmm(d_den.transpose(1, 2), q)                            # (H, 1, d): zᵀ's
     d_q.addcmul_(d_den, z.transpose(1, 2))                               # d φ(q)
@@ -166,33 +167,36 @@ class _ProjectedLinearAttentionOut(torch.autograd.Function):
             else:
                 torch.addmm(out_bias, u[i], m, out=y[i])
         ctx.heads = heads
-        ctx.save_for_backward(x, weight, feats, states, u, mixes, out_weight, dens, oks)
+        ctx.save_for_backward(x, weight, feats, states, out_weight, dens, oks)
+        ctx.u, ctx.mixes = u, mixes   # intermediates held here: backward frees them early
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_y):
-        x, weight, feats, states, u, mixes, out_weight, dens, oks = ctx.saved_tensors
+        x, weight, feats, states, out_weight, dens, oks = ctx.saved_tensors
+        u, mixes = ctx.u, ctx.mixes
+        del ctx.u, ctx.mixes
         b, n, _ = x.shape
         heads = ctx.heads
         hd = u.shape[-1]
         d = hd // heads
         wo_rows = out_weight.view(-1, heads, d).transpose(0, 1)             # (H, dim_out, d)
-        d_wo = torch.zeros(heads, out_weight.shape[0], d, dtype=u.dtype, device=u.device)
+        d_wo = u.new_zeros(out_weight.shape[0], heads, d)                    # Wo's layout
         d_k = u.new_empty(heads, n, d)                                       # scratch
         for i in range(b):
-            d_u = torch.mm(d_y[i], mixes[i].view(hd, -1).T)                  # (N, H·d)
             d_m = torch.mm(u[i].T, d_y[i]).view(heads, d, -1)                # (H, d, dim_out)
+            d_u = torch.mm(d_y[i], mixes[i].view(hd, -1).T, out=u[i])        # (N, H·d), over U
             d_s = torch.bmm(d_m, wo_rows)                                    # (H, d, d)
-            d_wo.baddbmm_(d_m.transpose(1, 2), states[i][..., :d])           # (H, dim_out, d)
+            d_wo.transpose(0, 1).baddbmm_(d_m.transpose(1, 2), states[i][..., :d])
             d_q = d_u.view(n, heads, d).transpose(0, 1).div_(dens[i])        # (H, N, d), a view
             _features_backward_(feats[i], states[i], dens[i], oks[i], d_q, d_s, heads, d_k,
                                 d_u.view(heads, n, d))                       # d_v in d_u's storage
-        del d_u, d_q, d_k  # scratch freed before the projection's gradient GEMMs
+        # scratch and the forward's intermediates freed before the projection's gradient GEMMs
+        del d_u, d_q, d_k, u, mixes
         d_x, d_w, d_b = _projection_grads(ctx, x, weight, feats)
         need_wo, need_bo = ctx.needs_input_grad[3:5]
-        return (d_x, d_w, d_b,
-                d_wo.transpose(0, 1).reshape(out_weight.shape) if need_wo else None,
+        return (d_x, d_w, d_b, d_wo.view(out_weight.shape) if need_wo else None,
                 d_y.sum(dim=(0, 1)) if need_bo else None, None, None)
 
 
