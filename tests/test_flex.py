@@ -180,3 +180,51 @@ def assert_cuda_flex_equals_block_path(attn):
         results.append((y[mask], grad))
     assert max_abs_diff(results[0][0], results[1][0]) < 2e-4
     assert max_abs_diff(results[0][1], results[1][1]) < 2e-3 * results[1][1].abs().max().item() + 1e-4
+
+
+def _relative_dense(q, k, v, table):
+    """Softmax attention with ETC's clamped relative bias table (H, 2R+1), densely."""
+    n, radius = q.shape[-2], (table.shape[-1] - 1) // 2
+    i = torch.arange(n)
+    offset = (i[None, :] - i[:, None]).clamp(-radius, radius) + radius
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + table[:, offset][None]
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def test_relative_score_mod_reads_copies_whose_gradients_sum_into_the_table(eager_flex):
+    """The score_mod reads the table through BIAS_COPIES copies (spreading FlexAttention's
+    atomic adds): through FlexAttention's eager reference in float64, values and the gradients
+    of q, k, v and the table equal the dense definition; a second table gets its own function."""
+    from efficient_transformers.functional.global_cuda import relative_score_mod
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 80, 8, dtype=torch.float64, generator=gen).requires_grad_()
+               for _ in range(3))
+    table = torch.nn.Parameter(torch.randn(2, 9, dtype=torch.float64, generator=gen))
+    fast = eager_flex(q, k, v, score_mod=relative_score_mod(table))
+    assert_values_and_gradients_match(fast, _relative_dense(q, k, v, table), [q, k, v, table],
+                                      tol=1e-12)
+    other = torch.nn.Parameter(table.detach().clone())
+    assert relative_score_mod(other) is not relative_score_mod(table)
+
+
+@needs_flex
+@pytest.mark.slow
+def test_relative_score_mod_follows_its_table_without_recompiling():
+    """Compiled (CPU, inference): after an in-place update of the table the same function reads
+    the new values through fresh copies, and nothing compiles again."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+    from efficient_transformers.functional.global_cuda import relative_score_mod
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    table = torch.nn.Parameter(torch.randn(2, 25))
+    with torch.no_grad():
+        compiled(q, k, v, score_mod=relative_score_mod(table))
+        counters.clear()
+        for _ in range(2):
+            table.mul_(0.5).add_(0.3)            # an optimiser step: same object, new values
+            out = compiled(q, k, v, score_mod=relative_score_mod(table))
+            assert max_abs_diff(out, _relative_dense(q, k, v, table)) < 1e-5
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])

@@ -23,9 +23,10 @@ Encoder only (survey Table 1: no decode); `causal=True` is refused.
 CPU path (and with segment ids): the long queries' window blocks with the global keys appended
 (one softmax, relative biases as an additive mask), the G global rows dense over G + N keys:
 O(N · (window + G) + G · (G + N)). CUDA path without segment ids (`global_cuda.etc_flex_or_none`):
-the window through FlexAttention with the relative bias as a score_mod, the global keys merged
-in by log-sum-exp as one FlashAttention call, and (without padding) the global rows' g2g part
-explicit, merged with their g2l part run as FlashAttention over chunks of the long keys.
+the window through FlexAttention with the relative bias as a score_mod (read from copies of the
+table that spread the backward's atomic adds: `global_cuda.relative_score_mod`), the global keys
+merged in by log-sum-exp as one FlashAttention call, and (without padding) the global rows' g2g
+part explicit, merged with their g2l part run as FlashAttention over chunks of the long keys.
 """
 
 from __future__ import annotations

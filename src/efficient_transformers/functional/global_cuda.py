@@ -18,23 +18,36 @@ from .global_local import DilatedWindow, dense_rows, relative_bias
 from .merge import attention_with_lse, merge_pair, softmax_with_lse, stat_dtype
 from .patterns import Pattern
 
-_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (table, its score_mod): kept for the process
+_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (table, score_mod, [its copies]): per process
+# FlexAttention's backward adds each (query, key) pair's score gradient into the captured table
+# with an atomic add. Clamped at ±R, most pairs of a window share the two end entries (at
+# window 84, R = 12: 144 of a query's 169 keys), so one table would take millions of atomic adds
+# on 2·H addresses. The score_mod reads a copy chosen by (query % 64, key % 8) instead: 512
+# copies per entry, about 16 adds per address per 64 × 128 tile.
+BIAS_COPIES = (64, 8)
 
 
 def relative_score_mod(table: torch.Tensor):
     """FlexAttention score_mod adding ETC's relative bias table (H, 2R+1) at clamp(j − i, −R, R)
-    + R; one function per table object (the compiled kernel guards on the function, and a
-    captured parameter keeps its identity through `.to()` and optimiser steps; a deep copy of
-    the layer gets its own)."""
+    + R. It reads `BIAS_COPIES` copies of the table (Q, K, H, 2R+1; at least float32), made
+    afresh from `table` at each call (their gradients sum back into it). One function per table
+    object (the
+    compiled kernel guards on the function; a captured parameter keeps its identity through
+    `.to()` and optimiser steps; a deep copy of the layer gets its own); the copies change from
+    call to call inside a holder the function reads (same shape: no recompiling)."""
     entry = _SCORE_MODS.get(id(table))
+    rows, cols = BIAS_COPIES
     if entry is None or entry[0] is not table:
         radius = (table.shape[-1] - 1) // 2
+        copies: list = [None]
 
         def score_mod(score, b, h, q_idx, kv_idx):
             offset = (kv_idx - q_idx).clamp(-radius, radius) + radius
-            return score + table[h, offset].to(score.dtype)
+            return score + copies[0][q_idx % rows, kv_idx % cols, h, offset].to(score.dtype)
 
-        entry = _SCORE_MODS[id(table)] = (table, score_mod)
+        entry = _SCORE_MODS[id(table)] = (table, score_mod, copies)
+    work = torch.promote_types(table.dtype, torch.float32)   # bf16 tables: float32 atomics
+    entry[2][0] = table.to(work).view(1, 1, *table.shape).repeat(rows, cols, 1, 1)
     return entry[1]
 
 
