@@ -6,7 +6,7 @@ import torch
 import efficient_transformers as et
 from efficient_transformers.functional.dense import naive_attention
 from efficient_transformers.attention.linformer import LinformerAttention
-from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention, train_losses
+from helpers import DIM, assert_values_and_gradients_match, random_mask, small_attention, train_losses
 
 N = 29
 

@@ -18,7 +18,7 @@ from efficient_transformers.functional.dense import masked_softmax
 from efficient_transformers.functional.relative import (
     naive_relative_scores, relative_scores, relative_shift, shift_distances, sinusoid_relative,
 )
-from helpers import DIM, assert_values_and_gradients_match, max_abs_diff, random_mask, small_attention
+from helpers import DIM, assert_values_and_gradients_match, random_mask, small_attention
 
 
 # ----------------------------------------------------------------------------- the reference

@@ -45,10 +45,10 @@ from ..functional.kmeans import (
     grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group,
     unpermute,
 )
-from ..functional.unit import unit_parts, unit_vectors
 from ..functional.global_cuda import flex_or_none
 from ..functional.global_local import DilatedWindow
 from ..functional.routed import Commitment, routed_heads
+from ..functional.unit import unit_parts, unit_vectors
 from ..registry import register
 from .base import Attention, check_positive_int
 

@@ -11,7 +11,6 @@ reason instead of an accuracy.
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from pathlib import Path

@@ -31,10 +31,9 @@ def relative_score_mod(table: torch.Tensor):
     """FlexAttention score_mod adding ETC's relative bias table (H, 2R+1) at clamp(j − i, −R, R)
     + R. It reads `BIAS_COPIES` copies of the table (Q, K, H, 2R+1; at least float32), made
     afresh from `table` at each call (their gradients sum back into it). One function per table
-    object (the
-    compiled kernel guards on the function; a captured parameter keeps its identity through
-    `.to()` and optimiser steps; a deep copy of the layer gets its own); the copies change from
-    call to call inside a holder the function reads (same shape: no recompiling)."""
+    object (the compiled kernel guards on the function; a captured parameter keeps its identity
+    through `.to()` and optimiser steps; a deep copy of the layer gets its own); the copies
+    change from call to call inside a holder the function reads (same shape: no recompiling)."""
     entry = _SCORE_MODS.get(id(table))
     rows, cols = BIAS_COPIES
     if entry is None or entry[0] is not table:

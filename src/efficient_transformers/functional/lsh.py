@@ -351,7 +351,7 @@ class RoundSort:
     Rows are `token_rows`: (b, position, head). Slots are (b, h, r, sorted index).
     order (B, H, R, P): positions by (bucket, position) per round; rank: its inverse;
     flat (B·H·R·P,): slot -> row; bags (B·P·H, R): row -> its slot in each round; to_slot:
-    (b, h, r, position) -> its slot; from_slot: slot -> (b, h, r, position); shape (B·H, R, P)."""
+    (b, h, r, position) -> its slot; from_slot: slot -> (b, h, r, position); shape (B, H, R, P)."""
 
     def __init__(self, buckets: torch.Tensor):
         b_, h, r, p = buckets.shape
