@@ -93,8 +93,8 @@ def test_importing_the_package_does_not_load_the_compiler():
     assert out.stdout.strip() == "False"
 
 
-FLEX_USERS = ["image_transformer", "longformer", "bigbird", "sparse_transformer",
-              "routing_transformer", "axial_transformer", "memory_compressed"]
+FLEX_USERS = ["image_transformer", "longformer", "bigbird", "sparse_transformer", "etc",
+              "routing_transformer", "axial_transformer", "memory_compressed", "reformer"]
 SLOWEST = ("longformer", "axial_transformer")  # 8-17 s each on 2 cores: marked slow
 
 
