@@ -84,6 +84,14 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, -1).transpose(1, 2)
 
+    def split_projection(self, t: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        """(B, N, parts·H·d), e.g. a fused q, k, v projection -> `parts` views (B, H, N, d).
+        By `unbind`, not `chunk`: backward stacks the parts' gradients in one pass whatever
+        their layout, where chunk's cat first copies each gradient that arrives in
+        (B, H, N, d) order back into (B, N, H·d)."""
+        b, n, _ = t.shape
+        return [p.transpose(1, 2) for p in t.view(b, n, parts, self.heads, -1).unbind(2)]
+
     def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H, N, d) -> (B, N, H*d)"""
         b, h, n, d = t.shape

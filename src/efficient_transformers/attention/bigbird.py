@@ -53,7 +53,7 @@ class BigBirdAttention(Attention):
                               self.num_global, self.buffer_int("random_seed"))
 
     def attend(self, x, mask):
-        q, k, v = [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
+        q, k, v = self.split_projection(self.to_qkv(x), 3)
         pattern = self.pattern(x.shape[1])
         pattern.tables(q.device)  # drawn before any compiled FlexAttention mask_mod reads them
         out = self._flex(q, k, v, pattern, mask)

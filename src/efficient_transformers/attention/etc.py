@@ -98,8 +98,8 @@ class ETCAttention(Attention):
         b = x.shape[0]
         if global_tokens is None:
             global_tokens = self.global_tokens.to(x.dtype).expand(b, -1, -1)
-        ql, kl, vl = [self.split_heads(t) for t in self.to_qkv_long(x).chunk(3, dim=-1)]
-        qg, kg, vg = [self.split_heads(t) for t in self.to_qkv_global(global_tokens).chunk(3, dim=-1)]
+        ql, kl, vl = self.split_projection(self.to_qkv_long(x), 3)
+        qg, kg, vg = self.split_projection(self.to_qkv_global(global_tokens), 3)
         long_out, glob_out = etc_attention(ql, kl, vl, qg, kg, vg, self.window, self.block,
                                            self.l2l_bias, self.g2g_bias, mask, segment_ids,
                                            self.l2g_bias)

@@ -57,7 +57,7 @@ class KernelAttention(Attention):
         """(B, N, dim) -> q, k, v (B, H, N, d) in `dtype`, by default the compute dtype
         (>= float32)."""
         dtype = dtype or compute_dtype(x.dtype)
-        return [self.split_heads(t).to(dtype) for t in self.to_qkv(x).chunk(3, dim=-1)]
+        return [t.to(dtype) for t in self.split_projection(self.to_qkv(x), 3)]
 
     def attend(self, x, mask):
         q, k, v = self.qkv(x, x.dtype if keeps_bf16(x) else None)

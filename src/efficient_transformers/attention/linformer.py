@@ -51,7 +51,7 @@ class LinformerAttention(Attention):
         self.to_out = nn.Linear(dim, dim)
 
     def attend(self, x, mask):
-        q, k, v = [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]  # (B, H, N, d)
+        q, k, v = self.split_projection(self.to_qkv(x), 3)  # (B, H, N, d)
         proj_v = self.proj_k if self.proj_v is None else self.proj_v
         k = project_length(k, self.proj_k, mask)   # (B, H, k, d)
         v = project_length(v, proj_v, mask)

@@ -73,10 +73,10 @@ class LongformerAttention(Attention):
     # ---------------------------------------------------------------------------- projections
     def sliding_qkv(self, x):
         """(B, N, dim) -> qs, ks, vs (B, H, N, d)"""
-        return [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
+        return self.split_projection(self.to_qkv(x), 3)
 
     def global_kv(self, x):
-        return [self.split_heads(t) for t in self.to_kv_global(x).chunk(2, dim=-1)]
+        return self.split_projection(self.to_kv_global(x), 2)
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, x, mask=None, global_mask=None):

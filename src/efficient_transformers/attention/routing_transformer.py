@@ -90,7 +90,7 @@ class RoutingAttention(Attention):
 
     def split_qkv(self, qkv):
         """The projection (B, N, 3·dim) -> q, k, v each (B, H, N, d), views."""
-        return [self.split_heads(t) for t in qkv.chunk(3, dim=-1)]
+        return self.split_projection(qkv, 3)
 
     # ------------------------------------------------------------------------ routing
     def route_vectors(self, q, k):

@@ -69,7 +69,7 @@ class SinkhornAttention(Attention):
                 f"sortcut={self.sortcut}")
 
     def qkv(self, x):
-        return [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
+        return self.split_projection(self.to_qkv(x), 3)
 
     # ----------------------------------------------------------------------- sorting
     def block_scores(self, summaries: torch.Tensor, rows: slice | None = None) -> torch.Tensor:

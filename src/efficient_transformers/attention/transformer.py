@@ -23,7 +23,7 @@ class DenseAttention(Attention):
 
     def qkv(self, x: torch.Tensor):
         """(B, N, dim) -> q, k, v each (B, H, N, d)"""
-        return [self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1)]
+        return self.split_projection(self.to_qkv(x), 3)
 
     def attend(self, x, mask):
         q, k, v = self.qkv(x)
