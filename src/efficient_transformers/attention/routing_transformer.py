@@ -86,11 +86,7 @@ class RoutingAttention(Attention):
 
     def qkv(self, x):
         """(B, N, dim) -> q, k, v each (B, H, N, d)"""
-        return self.split_qkv(self.to_qkv(x))
-
-    def split_qkv(self, qkv):
-        """The projection (B, N, 3·dim) -> q, k, v each (B, H, N, d), views."""
-        return self.split_projection(qkv, 3)
+        return self.split_projection(self.to_qkv(x), 3)
 
     # ------------------------------------------------------------------------ routing
     def route_vectors(self, q, k):
@@ -193,7 +189,7 @@ class RoutingAttention(Attention):
     def attend(self, x, mask):
         b, n, _ = x.shape
         qkv = self.to_qkv(x)                                    # (B, N, 3·dim)
-        q, k, v = self.split_qkv(qkv)
+        q, k, v = self.split_projection(qkv, 3)
         hl = self.local_heads
         # (local heads, routing heads) of each, by split: its backward writes one gradient
         # tensor, where two slices' would each write a zero-filled full one and then add them

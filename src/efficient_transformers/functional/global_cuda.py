@@ -18,7 +18,7 @@ from .global_local import DilatedWindow, dense_rows, relative_bias
 from .merge import attention_with_lse, merge_pair, softmax_with_lse, stat_dtype
 from .patterns import Pattern
 
-_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (table, score_mod, [its copies]): per process
+_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (table, score_mod, refresh its copies)
 # FlexAttention's backward adds each (query, key) pair's score gradient into the captured table
 # with an atomic add. Clamped at ±R, most pairs of a window share the two end entries (at
 # window 84, R = 12: 144 of a query's 169 keys), so one table would take millions of atomic adds
@@ -35,18 +35,21 @@ def relative_score_mod(table: torch.Tensor):
     through `.to()` and optimiser steps; a deep copy of the layer gets its own); the copies
     change from call to call inside a holder the function reads (same shape: no recompiling)."""
     entry = _SCORE_MODS.get(id(table))
-    rows, cols = BIAS_COPIES
     if entry is None or entry[0] is not table:
         radius = (table.shape[-1] - 1) // 2
+        rows, cols = BIAS_COPIES
         copies: list = [None]
 
         def score_mod(score, b, h, q_idx, kv_idx):
             offset = (kv_idx - q_idx).clamp(-radius, radius) + radius
             return score + copies[0][q_idx % rows, kv_idx % cols, h, offset].to(score.dtype)
 
-        entry = _SCORE_MODS[id(table)] = (table, score_mod, copies)
-    work = torch.promote_types(table.dtype, torch.float32)   # bf16 tables: float32 atomics
-    entry[2][0] = table.to(work).view(1, 1, *table.shape).repeat(rows, cols, 1, 1)
+        def refresh():
+            work = torch.promote_types(table.dtype, torch.float32)  # bf16 tables: float32 adds
+            copies[0] = table.to(work).view(1, 1, *table.shape).repeat(rows, cols, 1, 1)
+
+        entry = _SCORE_MODS[id(table)] = (table, score_mod, refresh)
+    entry[2]()
     return entry[1]
 
 

@@ -351,7 +351,7 @@ class RoundSort:
     Rows are `token_rows`: (b, position, head). Slots are (b, h, r, sorted index).
     order (B, H, R, P): positions by (bucket, position) per round; rank: its inverse;
     flat (B·H·R·P,): slot -> row; bags (B·P·H, R): row -> its slot in each round; to_slot:
-    (b, h, r, position) -> its slot; from_slot: slot -> (b, h, r, position); shape (B, H, R, P)."""
+    (b, h, r, position) -> its slot; from_slot: slot -> (b, h, r, position)."""
 
     def __init__(self, buckets: torch.Tensor):
         b_, h, r, p = buckets.shape
@@ -370,7 +370,6 @@ class RoundSort:
         self.to_slot = to_slot.reshape(-1)
         self.bags = to_slot.permute(0, 3, 1, 2).reshape(-1, r)          # (B·P·H, R)
         self.from_slot = (self.order + slot0).reshape(-1)
-        self.shape = (b_, h, r, p)
 
     def sorted_buckets(self) -> torch.Tensor:
         """(B, H, R, P): each round's bucket ids in its sorted order."""
@@ -395,7 +394,7 @@ class RoundSort:
         order (-inf where a round's set is empty) -> (B, H, P, e): weighted by
         softmax_r(lse_r) per position; a position whose union is empty gets its own value v
         (B, H, P, e)."""
-        b_, h, r, p = self.shape
+        b_, h, r, p = self.buckets.shape
         lse = _Permute.apply(lse_s, self.to_slot, self.from_slot).view(b_, h, r, p)
         lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
         any_set = torch.isfinite(lse).any(dim=2, keepdim=True)  # (B, H, 1, P)
