@@ -70,6 +70,32 @@ def test_incremental_decode_matches_full_forward(name):
     assert torch.allclose(torch.cat([logits_a, logits_b, logits_c], 1), full, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", [n for n in et.list_models() if et.attention_spec(n).decode])
+def test_language_models_with_default_options_generate(name):
+    # no small_options: what `build_model(name, task="lm")` gives a user must decode as it trains
+    torch.manual_seed(0)
+    model = et.build_model(name, task="lm", **TINY).eval()
+    tokens = torch.randint(0, 11, (2, 13))
+    logits, state = model.decode(tokens[:, :5])
+    rest, _ = model.decode(tokens[:, 5:], state)
+    assert torch.allclose(torch.cat([logits, rest], 1), model(tokens).logits, atol=1e-4)
+    assert model.generate(tokens[:, :4], max_new_tokens=3).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name,options", [("axial_transformer", {}),
+                                          ("image_transformer", {"mode": "2d"})])
+def test_grid_language_models_fix_their_grid_from_max_len(name, options):
+    model = et.build_model(name, task="lm", **{**TINY, "max_len": 30}, **options).eval()
+    assert {block.attention.shape for block in model.encoder.blocks} == {(5, 6)}
+    assert model.generate(torch.randint(0, 11, (2, 4)), max_new_tokens=3).shape == (2, 7)
+    own = et.build_model(name, task="lm", shape=(3, 4), **{**TINY, "max_len": 12}, **options)
+    assert own.encoder.blocks[0].attention.shape == (3, 4)
+    classifier = et.build_model(name, task="classify", **{**TINY, "max_len": 30}, **options)
+    assert classifier.encoder.blocks[0].attention.shape is None     # each length its own grid
+    with pytest.raises(ValueError, match="max_len"):
+        et.build_model(name, task="lm", **{**TINY, "max_len": 0}, **options)
+
+
 def test_language_model_learns_a_toy_task():
     # repeat the first half: the second half of each sequence copies the first
     torch.manual_seed(0)

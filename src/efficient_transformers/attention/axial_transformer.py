@@ -16,7 +16,8 @@ its right; with it two layers reach every earlier pixel. Unlike the paper's oute
 pair this is one kind of layer, strictly causal in raster order, so decode runs pixel by pixel.
 
 Any N <= prod(shape): the leading axis is padded. `shape` None: the nearest square grid covering N
-(width ceil(sqrt(N)), `functional.axial.grid_shape`), forward only: decode needs a fixed shape.
+(width ceil(sqrt(N)), `functional.axial.grid_shape`), forward only: decode needs a fixed shape
+(a language model from `build_model` without `shape` takes max_len's grid).
 Cost O(N · (s0 + ... + sk + s_k)) = O(N·sqrt(N)) for a square 2-D grid. Every device: one
 autograd node (`functional.axial.axial_attention`) that runs batched matmuls per axis, merges
 them by log-sum-exp (`functional.merge`) and saves no probabilities; head by head on the CPU,

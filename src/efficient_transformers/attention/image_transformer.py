@@ -9,7 +9,8 @@
   (and below when non-causal), wm columns left and right. Causal masking uses raster order (the
   paper generates block by block; here the sequence order is the generation order, so causal
   decode works pixel by pixel). shape None: the nearest square grid covering N
-  (`functional.axial.grid_shape`), forward only; decode needs a fixed shape.
+  (`functional.axial.grid_shape`), forward only; decode needs a fixed shape (a language model
+  from `build_model` without `shape` takes max_len's grid).
 
 Cost O(N · m), m = memory size per query block. CPU: `block_sparse_attention` over gathered
 blocks (2-D: in block-raster order); CUDA: FlexAttention with the same pattern. Decode keeps the

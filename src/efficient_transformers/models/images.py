@@ -6,6 +6,11 @@ vocab_size 256 and max_len H·W by default (channels: use W = width · channels,
 raster order over channels does); `images_to_tokens` / `tokens_to_images` convert. For
 classify / match the pooling defaults to "mean": a CLS token in front would shift the raster
 positions that the 2-D pattern relies on.
+
+A language model on a 2-D grid (`axial_transformer`, `image_transformer` with mode "2d") and no
+`shape` lays every sequence on the grid of max_len (`functional.axial.grid_shape`): decoding
+needs a grid fixed in advance, and training must use the same one (the layer alone, shape None,
+takes each length's own square grid).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import math
 
 import torch
 
+from ..attention.base import check_positive_int
+from ..functional.axial import grid_shape
 from ..registry import register_model
-from .transformer import TaskModel, build_generic_model
+from .transformer import MAX_LEN, TaskModel, build_generic_model
 
 INTENSITIES = 256
 
@@ -44,8 +51,28 @@ def build_image_model(name: str, task: str = "lm", *, vocab_size: int = INTENSIT
         max_len = math.prod(shape) if isinstance(shape, (tuple, list)) and shape else 1024
     if pooling is None:
         pooling = "mean"
+    if kwargs.get("mode") == "2d":
+        shape = fixed_grid(task, max_len, shape)
     options = dict(kwargs)
     if shape is not None:
         options["shape"] = tuple(shape) if isinstance(shape, list) else shape
     return build_generic_model(name, task, vocab_size=vocab_size, max_len=max_len, pooling=pooling,
                                **options)
+
+
+def fixed_grid(task: str, max_len: int, shape):
+    """`shape`, or for a language model without one max_len's grid."""
+    if task != "lm" or shape is not None:
+        return shape
+    check_positive_int("max_len", max_len)
+    return grid_shape(max_len)
+
+
+@register_model("axial_transformer")
+def build_axial_model(name: str, task: str = "lm", *, max_len: int = MAX_LEN, shape=None,
+                      **kwargs) -> TaskModel:
+    """The generic model; a language model without `shape` gets max_len's grid."""
+    shape = fixed_grid(task, max_len, shape)
+    if shape is not None:
+        kwargs["shape"] = shape
+    return build_generic_model(name, task, max_len=max_len, **kwargs)

@@ -325,9 +325,12 @@ class DualEncoder(TaskModel):
         return self.finish(logits, hidden, loss)
 
 
+MAX_LEN = 1024  # the models' default max_len
+
+
 def build_generic_model(name: str, task: str = "lm", *, vocab_size: int = 256,
                         num_classes: int = 2, dim: int = 128, depth: int = 2, heads: int = 4,
-                        max_len: int = 1024, mlp_dim: int | None = None, dropout: float = 0.0,
+                        max_len: int = MAX_LEN, mlp_dim: int | None = None, dropout: float = 0.0,
                         positions: str = "learned", pooling: str = "cls",
                         encoder_class: type[Encoder] | None = None, **options) -> TaskModel:
     """The default model for attention `name`; `options` go to the attention layers.
