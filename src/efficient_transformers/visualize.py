@@ -20,14 +20,33 @@ from .registry import attention_class, build_attention
 
 def influence_map(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (N, dim) -> (N, N): row i = how much each input position moves output position i."""
-    n, dim = x.shape
     fn = lambda inp: attn(inp[None])[0]
     try:
         jac = torch.autograd.functional.jacobian(fn, x, vectorize=True)  # (N, dim, N, dim)
-    except RuntimeError:  # an op without a batching rule: one backward pass per output element
-        jac = torch.autograd.functional.jacobian(fn, x)
+    except RuntimeError:  # an op without a batching rule (custom autograd nodes)
+        jac = jacobian_by_copies(attn, x)
     influence = jac.square().sum(dim=(1, 3)).sqrt()                              # (N, N)
     return influence / influence.amax(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def jacobian_by_copies(attn: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """x (N, dim) -> ∂attn(x) / ∂x (N, dim, N, dim) with one backward pass per `chunk` output
+    elements: x repeated along the batch, each copy's upstream gradient one output element.
+    Exact because batch rows are independent; unlike a backward pass per element with
+    retain_graph, it suits the nodes that free or overwrite what they saved (fused_linear,
+    routed)."""
+    n, dim = x.shape
+    outputs = n * dim
+    rows = []
+    for start in range(0, outputs, chunk):
+        picked = torch.arange(start, min(start + chunk, outputs), device=x.device)   # (c,)
+        copies = x.detach().expand(len(picked), n, dim).clone().requires_grad_()    # (c, N, dim)
+        y = attn(copies)
+        upstream = torch.zeros(len(picked), outputs, dtype=y.dtype, device=y.device)
+        upstream[torch.arange(len(picked)), picked] = 1.0
+        (grad,) = torch.autograd.grad(y, copies, upstream.view_as(y))
+        rows.append(grad)                                                            # (c, N, dim)
+    return torch.cat(rows).view(n, dim, n, dim)
 
 
 def mechanism_map(name: str, length: int = 40, causal: bool = False, dim: int = 32, heads: int = 2,
