@@ -142,6 +142,33 @@ def test_low_precision_is_finite(name, causal, dtype):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_trains_and_decodes(name, causal, dtype):
+    # float32 layer and input under torch.autocast: output in the autocast dtype and near the
+    # float32 one (learnable patterns aside: a rounding may move a token to another bucket),
+    # finite gradients (the custom nodes' backward runs outside the autocast region)
+    attn = small_attention(name, causal=causal, dtype=torch.float32).eval()
+    x = torch.randn(2, N, DIM, requires_grad=True)
+    mask = random_mask(2, N)
+    with torch.autocast("cpu", dtype=dtype):
+        y = attn(x, mask)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, p in attn.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), pname
+    if "LP" not in et.attention_spec(name).taxonomy:
+        ref = attn(x.detach(), mask)[mask]
+        assert max_abs_diff(y.float()[mask], ref) < 0.05 * ref.abs().max()
+    if causal:
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            first, state = attn.decode(x[:, :5].detach())
+            step, _ = attn.decode(x[:, 5:6].detach(), state)
+        assert torch.isfinite(first).all() and torch.isfinite(step).all()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reproducible_under_a_seed(name):
     outs = []

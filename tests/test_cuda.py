@@ -59,3 +59,33 @@ def test_cuda_equals_cpu_with_gradients(name, causal, no_tf32):
     y_cuda, g_cuda = outputs_and_input_grad(twin.cuda(), x, mask, "cuda")
     assert max_abs_diff(y_cuda, y_cpu) < 1e-4 * (1 + y_cpu.abs().max().item())
     assert max_abs_diff(g_cuda, g_cpu) < 1e-3 * (1 + g_cpu.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,causal", CASES)
+@pytest.mark.parametrize("small", [True, False], ids=["small_options", "defaults_1k"])
+def test_cuda_autocast_training_step(name, causal, small):
+    # the trainer's bf16 autocast on CUDA, through each device path (small options with
+    # padding; defaults at 1k without: the FlashAttention pieces of axial, sparse, longformer
+    # and bigbird): bf16 output near float32's, finite gradients
+    torch.manual_seed(0)
+    if small:
+        attn, n = small_attention(name, causal=causal, dtype=torch.float32, dim=DIM,
+                                  heads=HEADS), N
+    else:
+        attn, n = et.build_attention(name, dim=64, heads=4, causal=causal), 1024
+    attn = attn.cuda().eval()
+    x = torch.randn(2, n, attn.dim, device="cuda", requires_grad=True)
+    mask = random_mask(2, n).cuda() if small else None    # None: no padding, the flash paths
+    real = torch.ones(2, n, dtype=torch.bool, device="cuda") if mask is None else mask
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = attn(x, mask)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters() if p.grad is not None)
+    if "LP" not in et.attention_spec(name).taxonomy:
+        with torch.no_grad():
+            ref = attn(x, mask)[real]
+        assert max_abs_diff(y.float()[real], ref) < 0.05 * ref.abs().max()

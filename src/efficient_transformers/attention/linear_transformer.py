@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..functional.amp import autocast_off
 from ..functional.fused_linear import projected_elu_linear_attention
 from ..functional.kernels import (
     DEFAULT_CHUNK, causal_linear_attention, compute_dtype, elu_feature_map, keeps_bf16,
@@ -61,25 +62,27 @@ class KernelAttention(Attention):
 
     def attend(self, x, mask):
         q, k, v = self.qkv(x, x.dtype if keeps_bf16(x) else None)
-        phi_q, phi_k, log_scale = self.feature_maps(q, k, mask)
-        phi_k = mask_features(phi_k, mask)
-        if self.causal:
-            out = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
-                                          key_log_scale=log_scale)
-        else:  # (non-causal feature maps give no log-scale)
-            out = linear_attention(phi_q, phi_k, v)
+        with autocast_off(x):  # the features and sums in the dtype chosen above
+            phi_q, phi_k, log_scale = self.feature_maps(q, k, mask)
+            phi_k = mask_features(phi_k, mask)
+            if self.causal:
+                out = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
+                                              key_log_scale=log_scale)
+            else:  # (non-causal feature maps give no log-scale)
+                out = linear_attention(phi_q, phi_k, v)
         return self.to_out(self.merge_heads(out).to(x.dtype))
 
     def decode_step(self, x_new, state):
         q, k, v = self.qkv(x_new)
-        phi_q, phi_k, log_scale = self.feature_maps(q, k, None)
         kv = None if state is None else state["kv"]   # S, or (S, r) with key log-scales
-        if x_new.shape[1] == 1:  # the RNN step of section 3.4
-            out, kv = linear_attention_step(phi_q, phi_k, v, kv, log_scale)
-        else:                    # a prompt: the chunked form continued from the state
-            out, kv = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
-                                              state=kv, return_state=True,
-                                              key_log_scale=log_scale)
+        with autocast_off(x_new):
+            phi_q, phi_k, log_scale = self.feature_maps(q, k, None)
+            if x_new.shape[1] == 1:  # the RNN step of section 3.4
+                out, kv = linear_attention_step(phi_q, phi_k, v, kv, log_scale)
+            else:                    # a prompt: the chunked form continued from the state
+                out, kv = causal_linear_attention(phi_q, phi_k, v, chunk_size=self.chunk_size,
+                                                  state=kv, return_state=True,
+                                                  key_log_scale=log_scale)
         length = (0 if state is None else state["length"]) + x_new.shape[1]
         return self.to_out(self.merge_heads(out).to(x_new.dtype)), {"kv": kv, "length": length}
 

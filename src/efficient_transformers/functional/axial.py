@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .amp import autocast_free
 from .blocks import pad_mask_to_multiple, pad_to_multiple
 from .merge import (
     attention_with_lse, masked_softmax_, merge_attention_parts, output_shift, softmax_grad_,
@@ -237,6 +238,7 @@ class _LinePart:
             self.put_(dest, torch.bmm(a, bb, out=scratch("d_lines", *kl.shape)), role)
 
 
+@autocast_free
 class _AxialAttention(torch.autograd.Function):
     """q, k, v (B, H, N, d), N = prod(shape) -> out (B, H, N, d), lse (B, H, N): one softmax over
     the union of `axial_parts`, head by head and part by part, on contiguous copies of one head

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .amp import autocast_free
 from .kernels import LOG_SCALE_FLOOR
 
 
@@ -41,6 +42,7 @@ def _favor_exp(x, w, bias, stabiliser: str):
     return phi.exp_(), c
 
 
+@autocast_free
 class _FavorExp(torch.autograd.Function):
     """`_favor_exp` with its gradient: φ's is dp + db = dφ·φ (c has none)."""
 

@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from .amp import autocast_free
 from .merge import stat_dtype
 
 FLASH_KEYS: bool | None = None  # None: automatic (`uses_flash_keys`); True / False: forced
@@ -113,6 +114,7 @@ def _per_chunk(t: torch.Tensor, chunks: int) -> torch.Tensor:
     return t.unsqueeze(2).expand(b, h, chunks, *t.shape[2:]).reshape(b, h * chunks, *t.shape[2:])
 
 
+@autocast_free
 class _FlashKeysMerged(torch.autograd.Function):
     """Every query against all of k, v as flash calls (the keys in `chunks` chunks as extra
     heads), merged by log-sum-exp with part A (out_a, lse_a) where given."""

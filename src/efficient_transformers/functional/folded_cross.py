@@ -133,7 +133,7 @@ def key_folded_attention(q: torch.Tensor, y: torch.Tensor, heads: int, wk: torch
     del scores
     g = torch.bmm(probs, y)                # (B, H·Nq, dim): probability-weighted means of Y rows
     g = g.view(b, h, nq, dim).transpose(0, 1).reshape(h, b * nq, dim)  # (H, B·Nq, dim)
-    out = torch.bmm(g, wv.view(h, d, dim).transpose(1, 2))             # (H, B·Nq, d)
-    if bv is not None:
-        out = out + bv.view(h, 1, d)
+    wv_t = wv.view(h, d, dim).transpose(1, 2)                           # (H, dim, d)
+    # the bias inside the matmul: under autocast it is cast with it, as in nn.Linear
+    out = torch.bmm(g, wv_t) if bv is None else torch.baddbmm(bv.view(h, 1, d), g, wv_t)
     return out.view(h, b, nq, d).permute(1, 2, 0, 3).reshape(b, nq, hd)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .amp import autocast_free, cast_like_autocast
 from .kernels import DEFAULT_CHUNK, compute_dtype
 from .scratch import Scratch
 
@@ -112,6 +113,7 @@ def _attend_backward_(feats, states, d_out, heads) -> None:
     _features_backward_(feats, states, den, ok, d_q, d_s, heads, d_num, d_q)  # d_num: free
 
 
+@autocast_free
 class _ProjectedLinearAttention(torch.autograd.Function):
     """Non-causal. x (B, N, dim), weight (3·H·d, dim), bias (3·H·d) or None -> (B, N, H·d):
     q, k, v = split(x Wᵀ + b), linear attention with φ = elu + 1, heads merged."""
@@ -137,6 +139,7 @@ class _ProjectedLinearAttention(torch.autograd.Function):
         return (*_projection_grads(ctx, x, weight, feats), None, None, None)
 
 
+@autocast_free
 class _ProjectedLinearAttentionOut(torch.autograd.Function):
     """Non-causal with the output projection absorbed: x (B, N, dim), weight, bias as above,
     out_weight (dim_out, H·d), out_bias (dim_out) or None -> (B, N, dim_out). With
@@ -329,6 +332,7 @@ def _head_columns(qkv: torch.Tensor, heads: int, h: int):
     return tuple(qkv[..., i * dim + h * d:i * dim + (h + 1) * d] for i in range(3))
 
 
+@autocast_free
 class _ProjectedCausalLinearAttention(torch.autograd.Function):
     """Causal, chunk positions per chunk. x (B, N, dim), weight (3·H·d, dim), bias (3·H·d) or
     None -> (B, N, H·d): q, k, v = split(x Wᵀ + b), causal linear attention with φ = elu + 1,
@@ -417,7 +421,9 @@ def projected_elu_linear_attention(x: torch.Tensor, weight: torch.Tensor,
     (dim_out, H·d) and `out_bias`, followed by that output projection -> (B, N, dim_out),
     absorbed into the attention where the form allows it (non-causal, x already in the compute
     dtype). Same values and gradients as those compositions; memory: see the module's
-    docstring."""
+    docstring. Under autocast, x and the weights are first cast to its dtype, as for nn.Linear."""
+    x, weight, bias, out_weight, out_bias = cast_like_autocast(x, weight, bias, out_weight,
+                                                               out_bias)
     dtype = compute_dtype(x.dtype)
     if out_weight is not None and not causal and x.dtype == dtype:
         return _ProjectedLinearAttentionOut.apply(x, weight, bias, out_weight, out_bias, heads,

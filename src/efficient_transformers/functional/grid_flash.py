@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .amp import autocast_free
 from .flash import flash_available, flash_backward, flash_forward
 from .merge import stat_dtype
 
@@ -220,6 +221,7 @@ def _grid_order(lines: torch.Tensor, axis: int, shape) -> torch.Tensor:
     return (lines if axis == 1 else lines.transpose(1, 2)).reshape(shape)
 
 
+@autocast_free
 class _GridFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grid, pieces, shared, scale):

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .amp import autocast_free
 from .dense import naive_attention, softmax_
 from .merge import output_shift, softmax_grad_
 from .unit import unit_vectors
@@ -133,6 +134,7 @@ def _windows(rows: torch.Tensor, chunk: int, start: int, width: int) -> torch.Te
     return rows[:, start:start + width].unfold(0, 2 * chunk, chunk).transpose(1, 2)
 
 
+@autocast_free
 class _ChunkWindowAttention(torch.autograd.Function):
     """Softmax attention of each sorted chunk's queries over (previous chunk, own chunk), except
     where `blocked`.
@@ -191,6 +193,7 @@ def _window_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     out[:-1] += torch.matmul(a[1:, :, :c].transpose(-1, -2), b[1:])
 
 
+@autocast_free
 class _SortRounds(torch.autograd.Function):
     """x (B·P·H, w) -> its rows in every round's sorted order after `pad` zero rows,
     (pad + B·H·R·P, w).
@@ -217,6 +220,7 @@ class _SortRounds(torch.autograd.Function):
         return _UnsortRounds.apply(g, *ctx.saved_tensors), None, None, None
 
 
+@autocast_free
 class _UnsortRounds(torch.autograd.Function):
     """y (B·H·R·P, w) in sorted order -> (B·P·H, w): each row's slots of all rounds summed, one
     `embedding_bag` (a gather and a sum per row in one kernel; no scatter-add, no atomics)."""
@@ -231,6 +235,7 @@ class _UnsortRounds(torch.autograd.Function):
         return _SortRounds.apply(g, *ctx.saved_tensors), None, None
 
 
+@autocast_free
 class _MergeRounds(torch.autograd.Function):
     """The rounds' outputs y (B·H·R·P, e) in sorted order, weighted by w (B, H, R, P) (per round
     and position) and summed per position -> (B·P·H, e) rows: one `embedding_bag` with per-slot
@@ -256,6 +261,7 @@ class _MergeRounds(torch.autograd.Function):
         return g_s, g_w, None, None, None, None
 
 
+@autocast_free
 class _Permute(torch.autograd.Function):
     """Rows x[index] for a permutation `index` whose inverse is `inverse` (backward: a gather)."""
 

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from .amp import autocast_free
+
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax statistics are kept in float32 (float64 stays float64)."""
@@ -70,6 +72,7 @@ def softmax_grad_(d_p: torch.Tensor, p: torch.Tensor, shift: torch.Tensor,
     return d_p if scale == 1.0 else d_p.mul_(scale)
 
 
+@autocast_free
 class _AttentionWithLse(torch.autograd.Function):
     """softmax(q kᵀ · scale | allowed) v and its lse, with a hand-written backward that keeps
     only the probabilities (one (..., N, M) tensor) and takes the lse gradient into account:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .amp import autocast_free
 from .dense import softmax_
 from .kmeans import assigned_centroids, commitment_loss
 from .merge import output_shift, softmax_grad_
@@ -70,6 +71,7 @@ def _row_ids(members: torch.Tensor, n: int, stride: int, first: torch.Tensor) ->
     return tokens * stride + first[None, :, None]
 
 
+@autocast_free
 class _RoutedHeads(torch.autograd.Function):
     """qkv (B, N, 3·H·d) contiguous [q | k | v, heads inside]; routed heads h0 .. h0 + Hr - 1;
     q_members, k_members (B, Hr, C, S); blocked (B·Hr·C, 1, S) bool (padded key) or None;

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .amp import autocast_free
+
 
 def unit_parts(x: torch.Tensor, eps: float = 1e-12):
     """x (..., d) -> (x̂ = x / max(|x|, eps), max(|x|, eps) (..., 1), |x| < eps (..., 1)):
@@ -25,6 +27,7 @@ def unit_vectors_grad(g, x_hat, norm, clamped) -> torch.Tensor:
     return torch.addcmul(g, x_hat, along, value=-1.0).div_(norm)
 
 
+@autocast_free
 class _UnitVectors(torch.autograd.Function):
     """`F.normalize(x, dim=-1)` with the two-pass backward of `unit_vectors_grad`."""
 

@@ -14,7 +14,7 @@ for training). The task heads are the generic ones of `models/transformer.py`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from typing import Any
 
@@ -92,10 +92,28 @@ class _RngState:
             yield
 
 
-def _recompute(fn, inp, rng: _RngState, upstream, params, grads: dict):
+class _AutocastState:
+    """Autocast as it was in the forward (on the input's device and the CPU), replayed when the
+    blocks are recomputed: backward runs after the autocast region, and a block recomputed in
+    another precision would not invert the forward's."""
+
+    def __init__(self, device: torch.device):
+        self.settings = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                         for kind in {device.type, "cpu"}}
+
+    @contextmanager
+    def replay(self):
+        with ExitStack() as stack:
+            for kind, (enabled, dtype) in self.settings.items():
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            yield
+
+
+def _recompute(fn, inp, rng: _RngState, autocast: _AutocastState, upstream, params,
+               grads: dict):
     """Recompute out = fn(inp) as in the forward; accumulate the parameter gradients of
     <upstream, out> into grads and return (out, gradient w.r.t. inp)."""
-    with torch.enable_grad(), rng.replay():
+    with torch.enable_grad(), rng.replay(), autocast.replay():
         inp = inp.detach().requires_grad_()
         out = fn(inp)
         d = torch.autograd.grad(out, [inp] + params, upstream, allow_unused=True)
@@ -109,6 +127,7 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2, blocks, mask, *params):
         ctx.blocks, ctx.mask, ctx.n_params = blocks, mask, len(params)
+        ctx.autocast = _AutocastState(x1.device)
         ctx.rng = []
         with torch.no_grad():
             for block in blocks:
@@ -127,9 +146,10 @@ class _ReversibleFunction(torch.autograd.Function):
         grads: dict[int, torch.Tensor] = {}
         for block, (rng_f, rng_g) in zip(reversed(ctx.blocks), reversed(ctx.rng)):
             params = [p for p in block.parameters() if p.requires_grad]
-            gy1, d_y1 = _recompute(block.g, y1, rng_g, dy2, params, grads)   # x2 = y2 - g(y1)
-            x2, dy1 = y2 - gy1, dy1 + d_y1
-            fx2, d_x2 = _recompute(lambda t: block.f(t, ctx.mask), x2, rng_f, dy1, params, grads)
+            gy1, d_y1 = _recompute(block.g, y1, rng_g, ctx.autocast, dy2, params, grads)
+            x2, dy1 = y2 - gy1, dy1 + d_y1                                  # x2 = y2 - g(y1)
+            fx2, d_x2 = _recompute(lambda t: block.f(t, ctx.mask), x2, rng_f, ctx.autocast, dy1,
+                                   params, grads)
             x1, dy2 = y1 - fx2, dy2 + d_x2                                  # x1 = y1 - f(x2)
             y1, y2 = x1, x2
         all_params = [p for block in ctx.blocks for p in block.parameters() if p.requires_grad]
