@@ -138,9 +138,12 @@ def check_tokens(tokens: Any, vocab_size: int, max_len: int, argument: str = "to
                          f"got shape {tuple(tokens.shape)}")
     if tokens.shape[-1] > max_len:
         raise ValueError(f"{argument}: length {tokens.shape[-1]} exceeds max_len={max_len}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"{argument}: token ids must lie in [0, {vocab_size}), "
-                         f"got [{int(tokens.min())}, {int(tokens.max())}]")
+    if tokens.numel():
+        # one read of the device (an id out of range would end in a device-side assert there)
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{argument}: token ids must lie in [0, {vocab_size}), "
+                             f"got [{low}, {high}]")
 
 
 def check_mask(mask: Any, shape: tuple[int, ...], argument: str = "mask") -> None:
