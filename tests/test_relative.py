@@ -100,7 +100,8 @@ def naive_recurrent_layer(attn, x, mask=None):
 
 
 # ------------------------------------------------------------------------------ the shift
-@pytest.mark.parametrize("rows,keys,d_top", [(5, 9, 12), (1, 7, 3), (4, 4, 3), (6, 11, 20)])
+@pytest.mark.parametrize("rows,keys,d_top", [(5, 9, 12), (1, 7, 3), (4, 4, 3), (6, 11, 20),
+                                             (4, 1, 3)])
 def test_relative_shift_equals_naive_scores(rows, keys, d_top):
     torch.manual_seed(0)
     h, d = 2, 4
@@ -122,10 +123,13 @@ def test_relative_shift_equals_naive_scores(rows, keys, d_top):
 
 def test_relative_shift_is_a_skew():
     pos = torch.arange(3 * 6.0).reshape(3, 6)  # rows 3, keys 4
-    out = relative_shift(pos, 4)
-    for a in range(3):
-        for t in range(4):
-            assert out[a, t] == pos[a, 3 - 1 - a + t]
+    strided = torch.arange(2 * 3 * 6.0).reshape(2, 6, 3).transpose(1, 2)  # not contiguous
+    offset = torch.arange(2 * 3 * 6.0).reshape(2, 3, 6)[1]               # contiguous, offset 18
+    for p in (pos, strided, strided[1:], offset):
+        out = relative_shift(p, 4)
+        for a in range(3):
+            for t in range(4):
+                assert torch.equal(out[..., a, t], p[..., a, 3 - 1 - a + t])
     with pytest.raises(ValueError, match="pos"):
         relative_shift(pos, 5)
 

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import torch
 
+from .amp import autocast_off
+
 # None: automatic (CUDA and importable); True / False: forced; "cuda": decided as on CUDA on any
 # device (the traffic estimate, `bench/traffic_flex.py`)
 FORCE_FLEX: bool | str | None = None
@@ -148,10 +150,22 @@ def flex_callable(compiled: bool = True):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return flex_attention(*args, **kwargs)
-        return eager
+        return _outside_autocast(eager)
     if torch.compiler.is_compiling():
         return flex_attention
-    return _compiled_flex()
+    return _outside_autocast(_compiled_flex())
+
+
+def _outside_autocast(flex):
+    """flex run with autocast off: q, k, v already share a dtype (one projection, cast by
+    autocast where it is on) and the kernel keeps its own float32 statistics; under autocast
+    its backward's lowering could meet mixed dtypes."""
+    def call(q, *args, **kwargs):
+        if not torch.is_autocast_enabled(q.device.type):
+            return flex(q, *args, **kwargs)
+        with autocast_off(q):
+            return flex(q, *args, **kwargs)
+    return call
 
 
 def flex_with_lse(flex, q, k, v, block_mask, scale, score_mod=None):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def sinusoid_relative(distances: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
@@ -44,18 +43,19 @@ def relative_shift(pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     """(..., R, R + W - 1) -> (..., R, W) with out[a, t] = pos[a, R - 1 - a + t].
 
     pos[a, c] is query row a against distance d_top - c; row a and key t are at distance
-    d_top - (R - 1 - a) - t, so out[a, t] is row a against its key t. Done as in Dai et al.,
-    appendix B: pad one column, flatten the last two axes, drop R - 1 leading entries and read the
-    rest with row length W + R - 1, which skews row a left by R - 1 - a. No gather, no loop.
+    d_top - (R - 1 - a) - t, so out[a, t] is row a against its key t. The skew of Dai et al.,
+    appendix B, as a view: in a contiguous pos, entry (a, R - 1 - a + t) lies R - 1 + a·(R + W - 2)
+    + t elements in, so the rows are read with stride R + W - 2 from offset R - 1 (no two entries
+    shared). No gather, no loop, no copy. (The paper's pad, flatten and slice produced index
+    arithmetic that Inductor failed to compile once lengths became dynamic.)
     """
     rows, cols = pos.shape[-2], pos.shape[-1]
     if cols != rows + n_keys - 1:
         raise ValueError(f"pos: expected {rows + n_keys - 1} columns for {rows} rows and "
                          f"{n_keys} keys, got {cols}")
-    lead = pos.shape[:-2]
-    flat = F.pad(pos, (0, 1)).reshape(*lead, rows * (cols + 1))  # (..., R * (R + W))
-    skewed = flat[..., rows - 1: rows - 1 + rows * cols].reshape(*lead, rows, cols)
-    return skewed[..., :n_keys]
+    pos = pos.contiguous()
+    return pos.as_strided((*pos.shape[:-2], rows, n_keys), (*pos.stride()[:-2], cols - 1, 1),
+                          pos.storage_offset() + rows - 1)
 
 
 def relative_scores(q: torch.Tensor, k: torch.Tensor, rk: torch.Tensor, u: torch.Tensor,
