@@ -83,6 +83,23 @@ def test_compressed_decode_state_holds_slots_and_one_window():
     assert state["k"].shape[2] == 38 % 4 and state["ks"].shape[2] == 38 // 4
 
 
+@pytest.mark.parametrize("conv_groups", [1, 2])
+def test_compression_is_the_strided_convolution(conv_groups):
+    # the matmul over each window's stacked positions against the Conv1d module itself
+    attn = small_attention("memory_compressed", conv_groups=conv_groups)
+    gen = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(2, 2, 12, attn.head_dim, dtype=torch.float64, generator=gen)
+            .requires_grad_() for _ in range(2))
+    fast = torch.cat(attn.compress(k, v), dim=2)
+
+    def by_conv(t, layer):                          # (B, H, L, d) -> (B, H, L / c, d)
+        out = layer(attn.merge_heads(t).transpose(1, 2)).transpose(1, 2)
+        return attn.split_heads(out)
+    slow = torch.cat([by_conv(k, attn.compress_k), by_conv(v, attn.compress_v)], dim=2)
+    params = (k, v, attn.compress_k.weight, attn.compress_k.bias, attn.compress_v.weight)
+    assert_values_and_gradients_match(fast, slow, params, tol=1e-12)
+
+
 def test_grouped_compression_is_one_kernel_per_head():
     """conv_groups = heads: each head's slots are a strided convolution of that head's keys
     alone, with the head's own slice of the weights; decode stays exact."""

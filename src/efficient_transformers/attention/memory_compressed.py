@@ -7,7 +7,11 @@ Summarizing Long Sequences", section 4.2.4).
   `conv_groups` splits the convolution's channels into groups (`torch.nn.Conv1d`'s `groups`):
   1 (default) mixes every channel, as the paper's convolution over the projected keys does;
   `heads` compresses each head's keys with a kernel of its own, `heads` times fewer
-  multiply-adds and weights (the setting of the `memory-compressed-attention` package).
+  multiply-adds and weights (the setting of the `memory-compressed-attention` package). As the
+  kernel covers each window of `compression` positions exactly once, the convolution is computed
+  as one matmul per channel group over the windows' stacked positions (the Conv1d modules hold
+  the weights): no transposes, and Inductor compiles it when the length changes between calls,
+  where its convolution lowering failed (torch 2.13).
 - kind "local": the sequence is split into blocks of `block_size` (paper: 256) and attention runs
   within each block independently. Cost O(N · block_size).
 The paper's model alternates them (local, compressed, local, compressed, local):
@@ -64,8 +68,14 @@ class MemoryCompressedAttention(DenseAttention):
     def compress(self, k, v):
         """k, v (B, H, L, d), L a multiple of compression -> slots (B, H, L / compression, d)."""
         def conv(t, layer):
-            x = self.merge_heads(t).transpose(1, 2)                     # (B, dim, L)
-            return self.split_heads(layer(x).transpose(1, 2).contiguous())   # (B, H, M, d), d stride 1
+            x = self.merge_heads(t)                                            # (B, L, dim)
+            b, n, dim = x.shape
+            c, g = self.compression, self.conv_groups
+            windows = x.view(b, n // c, c, g, dim // g)                        # (B, M, c, g, dim/g)
+            kernel = layer.weight.view(g, dim // g, dim // g, c)               # (g, out, in, c)
+            out = torch.einsum("bmjgi,goij->bmgo", windows, kernel).reshape(b, n // c, dim)
+            # the bias in the matmul's dtype, as a convolution under autocast adds it
+            return self.split_heads(out + layer.bias.to(out.dtype))            # (B, H, M, d)
         return conv(k, self.compress_k), conv(v, self.compress_v)
 
     def compressed_core(self, q, k, v, mask=None):
