@@ -18,14 +18,16 @@ def _device_type(args) -> str | None:
     return next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
 
 
-def _without_autocast(fn):
+def outside_autocast(fn, skip: int = 0):
+    """fn run with autocast off on the device of its first tensor argument after the first
+    `skip` ones (a node's ctx)."""
     @functools.wraps(fn)
-    def run(ctx, *args):
-        device = _device_type(args)
+    def run(*args, **kwargs):
+        device = _device_type(args[skip:])
         if device is None or not torch.is_autocast_enabled(device):
-            return fn(ctx, *args)
+            return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
-            return fn(ctx, *args)
+            return fn(*args, **kwargs)
     return run
 
 
@@ -33,7 +35,7 @@ def autocast_free(node: type[torch.autograd.Function]) -> type[torch.autograd.Fu
     """Class decorator for a torch.autograd.Function: forward and backward run with autocast
     off for the device of their first tensor argument."""
     for name in ("forward", "backward"):
-        setattr(node, name, staticmethod(_without_autocast(getattr(node, name))))
+        setattr(node, name, staticmethod(outside_autocast(getattr(node, name), skip=1)))
     return node
 
 

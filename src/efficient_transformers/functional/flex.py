@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from .amp import autocast_off
+from .amp import outside_autocast
 
 # None: automatic (CUDA and importable); True / False: forced; "cuda": decided as on CUDA on any
 # device (the traffic estimate, `bench/traffic_flex.py`)
@@ -150,22 +150,13 @@ def flex_callable(compiled: bool = True):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return flex_attention(*args, **kwargs)
-        return _outside_autocast(eager)
+        return outside_autocast(eager)
     if torch.compiler.is_compiling():
         return flex_attention
-    return _outside_autocast(_compiled_flex())
-
-
-def _outside_autocast(flex):
-    """flex run with autocast off: q, k, v already share a dtype (one projection, cast by
-    autocast where it is on) and the kernel keeps its own float32 statistics; under autocast
-    its backward's lowering could meet mixed dtypes."""
-    def call(q, *args, **kwargs):
-        if not torch.is_autocast_enabled(q.device.type):
-            return flex(q, *args, **kwargs)
-        with autocast_off(q):
-            return flex(q, *args, **kwargs)
-    return call
+    # autocast off: q, k, v already share a dtype (one projection, cast by autocast where it is
+    # on) and the kernel keeps its own float32 statistics; under autocast the lowering of its
+    # backward could meet mixed dtypes
+    return outside_autocast(_compiled_flex())
 
 
 def flex_with_lse(flex, q, k, v, block_mask, scale, score_mod=None):
