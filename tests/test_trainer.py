@@ -170,5 +170,8 @@ def test_presets_resolve():
     assert mine["steps"] == 7 and mine["model"]["dim"] == 32 and mine["model"]["depth"] == 2
     assert mine["task_options"] == {"vocab_size": 32, "pairs": 2}
     assert resolve("text", None, {"steps": 50})["warmup"] == 5
+    # the image tasks default to their images' length (512 could not hold 32 x 32 pixels)
+    assert resolve("pathfinder", None, {})["seq_len"] == resolve("image", None, {})["seq_len"] == 1024
+    assert resolve("pathfinder", None, {"seq_len": 2048})["seq_len"] == 2048
     with pytest.raises(ValueError, match="preset"):
         resolve("text", "huge", {})

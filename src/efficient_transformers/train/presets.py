@@ -22,6 +22,10 @@ DEFAULTS: dict[str, Any] = dict(
     eval_examples=None, model=dict(dim=128, depth=2, heads=4), task_options={},
 )
 
+# without a preset: the length the images have (32 x 32 pixels, LRA's image and pathfinder32)
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"image": dict(seq_len=1024),
+                                             "pathfinder": dict(seq_len=1024)}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "lra": {
         "listops": dict(steps=5000, batch_size=32, seq_len=2000, lr=0.05, warmup=1000,
@@ -72,11 +76,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def resolve(task: str, preset: str | None, explicit: dict[str, Any]) -> dict[str, Any]:
-    """DEFAULTS < PRESETS[preset][task] < explicit (values that are not None); the nested
-    `model` and `task_options` dicts merge key by key."""
+    """DEFAULTS < TASK_DEFAULTS[task] < PRESETS[preset][task] < explicit (values that are not
+    None); the nested `model` and `task_options` dicts merge key by key."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset: expected one of {list(PRESETS)}, got {preset!r}")
-    layers = [DEFAULTS, PRESETS[preset].get(task, {}) if preset else {}, explicit]
+    layers = [DEFAULTS, TASK_DEFAULTS.get(task, {}), PRESETS[preset].get(task, {}) if preset else {},
+              explicit]
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
