@@ -9,6 +9,7 @@ inputs in the autocast dtype where autocast would have cast them (`cast_like_aut
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -41,7 +42,9 @@ def autocast_free(node: type[torch.autograd.Function]) -> type[torch.autograd.Fu
 
 def autocast_off(t: torch.Tensor):
     """Context manager: autocast off on t's device, for code that picks its own dtypes (the
-    kernelised attentions' float32 sums)."""
+    kernelised attentions' float32 sums); nothing to enter where it is off already."""
+    if not torch.is_autocast_enabled(t.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
 
 

@@ -48,7 +48,7 @@ def build_image_model(name: str, task: str = "lm", *, vocab_size: int = INTENSIT
                       **kwargs) -> TaskModel:
     """The generic model with image defaults; `shape` also goes to the attention layers."""
     if max_len is None:
-        max_len = math.prod(shape) if isinstance(shape, (tuple, list)) and shape else 1024
+        max_len = math.prod(shape) if isinstance(shape, (tuple, list)) and shape else MAX_LEN
     if pooling is None:
         pooling = "mean"
     if kwargs.get("mode") == "2d":
