@@ -38,6 +38,19 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
+def recomputing() -> bool:
+    """True when a forward runs inside a backward pass: the recompute of activation checkpointing
+    (torch.utils.checkpoint, either kind) or of the reversible layers. A layer whose training
+    forward changes its own state (performer's redraw, routing's k-means step) then changes
+    nothing and uses the state its forward used, or the recompute would differ from the forward
+    and the gradients would be those of another computation. Inside torch.compile: False (a
+    compiled checkpoint recomputes in its graph, without running the module again)."""
+    if torch.compiler.is_compiling():
+        return False
+    task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+    return task is not None and task() != -1
+
+
 def _reread_buffer_ints(module: "Attention", incompatible_keys) -> None:
     """After load_state_dict: read the cached buffer ints again (eagerly, before any compile)."""
     for name in list(module._buffer_ints):

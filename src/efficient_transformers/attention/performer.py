@@ -9,7 +9,9 @@ computed chunk by chunk: no N × m × d cumulative tensor); decode is the consta
 Random features: drawn at construction from torch's RNG (torch.manual_seed reproduces them) and
 kept in the `omega` buffer (saved with the model). In training mode they are redrawn every
 `redraw_interval` forward calls (0 = never), as the paper recommends; eval mode never redraws,
-and decode never redraws (the state depends on the features).
+and decode never redraws (the state depends on the features). The recompute of activation
+checkpointing (torch.utils.checkpoint) is not a call: it keeps the features in use, which are
+those its forward used unless the layer ran again, and redrew, before that backward.
 
 Exponent stabilisation (bf16/fp16 safe, strictly causal): queries and non-causal keys by a max
 that cancels (`functional.kernels.softmax_feature_map`); causal keys each by their own max,
@@ -31,7 +33,7 @@ from ..functional.eager import outside_graphs
 from ..functional.favor import fused_softmax_feature_map, fused_softmax_key_features
 from ..functional.kernels import orthogonal_gaussian, relu_feature_map
 from ..registry import register
-from .base import check_choice, check_positive_int
+from .base import check_choice, check_positive_int, recomputing
 from .linear_transformer import KernelAttention
 
 KERNELS = ("softmax", "relu")
@@ -64,8 +66,9 @@ class PerformerAttention(KernelAttention):
     @outside_graphs
     def count_call(self) -> None:
         """Redraw every `redraw_interval` training calls. Outside torch.compile: a changing int
-        in the graph would compile the layer again at every call."""
-        if self.training and self.redraw_interval:
+        in the graph would compile the layer again at every call. A recompute (activation
+        checkpointing) is not a call: it keeps the features its forward used."""
+        if self.training and self.redraw_interval and not recomputing():
             if self.calls_since_redraw >= self.redraw_interval:
                 self.redraw()
             self.calls_since_redraw += 1

@@ -6,7 +6,10 @@ Transformers", TACL 2021, arXiv:2003.05997, section 4 ("Routing Attention"):
   centroids per head, shared by queries and keys; a query attends only inside its cluster;
 - the centroids are buffers updated by an exponential moving average (`decay`) of the vectors
   assigned to them (online mini-batch k-means), in training only, AFTER the routing of the
-  current call has been computed (the forward never depends on its own update);
+  current call has been computed (the forward never depends on its own update). The recompute
+  of activation checkpointing (torch.utils.checkpoint) updates nothing and routes with the
+  centroids of the layer's last forward: those of the forward it recomputes, unless the layer
+  ran again before that backward;
 - a commitment loss ||x - mu(x)||^2 (weight `commitment`) is reported as `self.aux_loss`;
 - the paper mixes local-attention heads with routing heads: the first `local_heads` heads attend
   to a sliding window of `window` tokens, the others route (default: half of the heads).
@@ -50,7 +53,7 @@ from ..functional.global_local import DilatedWindow
 from ..functional.routed import Commitment, routed_heads
 from ..functional.unit import unit_parts, unit_vectors
 from ..registry import register
-from .base import Attention, check_positive_int
+from .base import Attention, check_positive_int, recomputing
 
 
 @register("routing_transformer")
@@ -79,6 +82,7 @@ class RoutingAttention(Attention):
         self.to_out = nn.Linear(dim, dim)
         init = F.normalize(torch.randn(self.routing_heads, num_clusters, self.head_dim), dim=-1)
         self.register_buffer("centroids", init)  # (H_routing, C, d), unit norm
+        self.routed_with: torch.Tensor | None = None  # the centroids of the last forward
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_clusters={self.num_clusters}, window={self.window}, "
@@ -107,20 +111,29 @@ class RoutingAttention(Attention):
         r, _ = self.route_vectors(q[:, hl:], k[:, hl:])
         return sort_by_group(nearest_centroid(r, self.centroids.detach()))[0, 0]
 
-    def learn(self, vectors, scores, real):
+    def routing_centroids(self) -> torch.Tensor:
+        """(Hr, C, d) centroids this forward routes with: the current ones, or in a recompute
+        (activation checkpointing) those the last forward routed with."""
+        if recomputing() and self.routed_with is not None:
+            return self.routed_with
+        self.routed_with = self.centroids.detach() if self.training else None
+        return self.centroids.detach()
+
+    def learn(self, vectors, scores, real, mu):
         """Commitment loss for the routed vectors and, in training, the EMA step (after routing).
 
-        vectors: unit vectors (B, Hr, N, d); scores: their centroid scores (B, Hr, N, C)."""
+        vectors: unit vectors (B, Hr, N, d); scores: their centroid scores (B, Hr, N, C);
+        mu: the centroids routed with (Hr, C, d)."""
         assign = [s.argmax(dim=-1) for s in scores]   # (B, Hr, N) each
-        loss = sum(commitment_loss(x, a, self.centroids, real)
-                   for x, a in zip(vectors, assign)) / len(vectors)
+        loss = sum(commitment_loss(x, a, mu, real) for x, a in zip(vectors, assign)) / len(vectors)
         self.aux_loss = self.commitment * loss
-        self.ema_step(vectors, assign, real)
+        self.ema_step(vectors, assign, real, mu)
 
-    def ema_step(self, vectors, assign, real):
-        """In training, move the centroids towards the vectors assigned to them (after routing)."""
-        if self.training:
-            new = self.centroids
+    def ema_step(self, vectors, assign, real, mu):
+        """In training, move the centroids mu towards the vectors assigned to them (after
+        routing); not in a recompute, whose forward took the step."""
+        if self.training and not recomputing():
+            new = mu
             for x, a in zip(vectors, assign):
                 new = ema_centroids(new, x, a, real, self.decay)
             self.centroids = new  # a new tensor: the graph of this call keeps the old one
@@ -128,27 +141,27 @@ class RoutingAttention(Attention):
     def fused_routing(self, qkv, q, k, real, mask):
         """CPU fast path of the non-causal routing heads (functional/routed.py): the routing
         decisions without autograd, then one node for attention and commitment loss."""
-        mu = self.centroids.detach()
+        mu = self.routing_centroids()
         with torch.no_grad():
             units = [unit_parts(t) for t in (q, k)]        # (x̂, |x|, clamped) per side
-            scores, members = self.balanced_routing([u[0] for u in units], real)
+            scores, members = self.balanced_routing([u[0] for u in units], real, mu)
             assign = [sc.argmax(dim=-1) for sc in scores]
         commitment = Commitment(units, assign, mu, real, self.commitment)
         out, self.aux_loss = routed_heads(qkv, self.heads, self.local_heads, *members, mask,
                                           commitment)
-        self.ema_step([u[0] for u in units], assign, real)
+        self.ema_step([u[0] for u in units], assign, real, mu)
         return out
 
     def routing(self, q, k, v, mask):
         """Routing heads: q, k, v (B, Hr, N, d), mask (B, N) or None -> (B, Hr, N, d). Without a
         mask every token is real (known on the host: nothing masked, nothing weighted)."""
         real = mask
-        mu = self.centroids.detach()
+        mu = self.routing_centroids()
         if self.causal:
             r, _ = self.route_vectors(q, k)
             scores = centroid_scores(r, mu)
             assign = scores.argmax(dim=-1)  # (B, Hr, N)
-            self.learn([r], [scores], real)
+            self.learn([r], [scores], real, mu)
             group = assign if real is None else \
                 torch.where(real[:, None, :], assign, self.num_clusters)     # padded: own group
             order = sort_by_group(group)
@@ -158,16 +171,17 @@ class RoutingAttention(Attention):
                                            self.window, causal=True)
             return unpermute(out, order)
         q_hat, k_hat = self.route_vectors(q, k)
-        scores, members = self.balanced_routing([q_hat, k_hat], real)
-        self.learn([q_hat, k_hat], scores, real)
+        scores, members = self.balanced_routing([q_hat, k_hat], real, mu)
+        self.learn([q_hat, k_hat], scores, real, mu)
         return routed_attention(q, k, v, *members, mask)
 
-    def balanced_routing(self, vectors, real):
-        """Non-causal: unit vectors (B, Hr, N, d) per side -> their centroid scores
-        (B, Hr, N, C) and the balanced cluster members (B, Hr, C, k), k = ceil(N / C)."""
+    def balanced_routing(self, vectors, real, mu):
+        """Non-causal: unit vectors (B, Hr, N, d) per side and centroids mu (Hr, C, d) -> their
+        centroid scores (B, Hr, N, C) and the balanced cluster members (B, Hr, C, k),
+        k = ceil(N / C)."""
         n = vectors[0].shape[2]
         size = min(n, math.ceil(n / self.num_clusters))
-        scores = [centroid_scores(x, self.centroids.detach()) for x in vectors]
+        scores = [centroid_scores(x, mu) for x in vectors]
         return scores, [balanced_members(sc, size, real) for sc in scores]
 
     def uses_fused_routing(self, qkv) -> bool:
