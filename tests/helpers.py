@@ -8,6 +8,8 @@ import efficient_transformers as et
 from efficient_transformers.registry import attention_class
 
 DIM, HEADS = 16, 2
+# options under which a layer's training forward changes its state at every step or two
+STATE_CHANGES_OFTEN = {"performer": {"redraw_interval": 2}, "routing_transformer": {"decay": 0.5}}
 
 
 def small_attention(name: str, causal: bool = False, dtype=torch.float64, seed: int = 0,

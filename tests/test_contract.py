@@ -9,7 +9,9 @@ from torch.utils.checkpoint import checkpoint
 
 import efficient_transformers as et
 from efficient_transformers.zoo import SURVEY_TABLE, avoids_n_by_n
-from helpers import DIM, both_modes, max_abs_diff, random_mask, small_attention
+from helpers import (
+    DIM, STATE_CHANGES_OFTEN, both_modes, max_abs_diff, random_mask, small_attention,
+)
 
 NAMES = et.list_attention()
 DECODERS = [n for n in NAMES if et.attention_spec(n).decode]
@@ -179,10 +181,6 @@ def test_reproducible_under_a_seed(name):
         x = torch.randn(2, N, DIM, dtype=torch.float64)
         outs.append(attn(x))
     assert torch.equal(outs[0], outs[1])
-
-
-# options under which the layer's training forward changes its state at every step or two
-STATE_CHANGES_OFTEN = {"performer": {"redraw_interval": 2}, "routing_transformer": {"decay": 0.5}}
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

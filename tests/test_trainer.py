@@ -11,9 +11,12 @@ import time
 
 import pytest
 import torch
+from helpers import STATE_CHANGES_OFTEN
 
+import efficient_transformers as et
 from efficient_transformers.cli import main
 from efficient_transformers.io import load_tensors
+from efficient_transformers.registry import attention_class
 from efficient_transformers.train import TrainConfig, lr_at, read_metrics, train
 from efficient_transformers.train import checkpoint as ckpt
 
@@ -58,9 +61,23 @@ def test_resume_in_process_is_exact_and_files_are_plain(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
     assert all("accuracy" in r and "loss" in r for r in rows if r["split"] == "eval")
     # the final model loads with et.load_pretrained
-    import efficient_transformers as et
     model = et.load_pretrained(tmp_path / "a" / "model")
     assert same_tensors(model.state_dict(), load_tensors(a / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", et.list_models())
+def test_resume_is_exact_for_every_model(name, tmp_path):
+    """Stop after step 2 and resume: the same weights and buffers as a straight run, with the
+    layers' own state (performer's redraw count, routing's centroids) and tuple options."""
+    options = {**attention_class(name).small_options, **STATE_CHANGES_OFTEN.get(name, {})}
+    options.pop("max_len", None)  # the trainer's max_len is seq_len
+    config = lambda out: tiny(out, model=name, options=dict(options),
+                              model_kwargs=dict(dim=16, depth=2, heads=2, mlp_dim=32))
+    train(config(tmp_path / "a"), progress=False)
+    assert train(config(tmp_path / "b"), progress=False, stop_after=2) is None
+    train(config(tmp_path / "b"), resume=True, progress=False)
+    a, b = (load_tensors(tmp_path / run / "checkpoint" / "model.safetensors") for run in "ab")
+    assert same_tensors(a, b)
 
 
 def test_optimizer_state_round_trip():
@@ -82,6 +99,12 @@ def test_refusals(tmp_path):
         train(tiny(tmp_path, steps=2), progress=False)
     with pytest.raises(ValueError, match="lr"):
         train(tiny(tmp_path, steps=2, lr=1e-2), resume=True, progress=False)
+    # build_model arguments that the task sets, or given twice, before any compute
+    with pytest.raises(ValueError, match=r"options: \['max_len'\] come from the task"):
+        train(tiny(tmp_path / "x", model="linformer", options={"max_len": 64}), progress=False)
+    with pytest.raises(ValueError, match=r"options: \['dim'\] also given in model_kwargs"):
+        train(tiny(tmp_path / "x", options={"dim": 32}), progress=False)
+    assert not (tmp_path / "x").exists()
     # a kill between the two renames leaves checkpoint.old: still found
     os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
     assert ckpt.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"

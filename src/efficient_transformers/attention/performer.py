@@ -7,8 +7,9 @@ the parallel form (non-causal) or the chunked prefix-sum form (causal, section 2
 computed chunk by chunk: no N × m × d cumulative tensor); decode is the constant-memory recurrence.
 
 Random features: drawn at construction from torch's RNG (torch.manual_seed reproduces them) and
-kept in the `omega` buffer (saved with the model). In training mode they are redrawn every
-`redraw_interval` forward calls (0 = never), as the paper recommends; eval mode never redraws,
+kept in the `omega` buffer (saved with the model, as is the count of calls since the last redraw,
+`redraw_calls`). In training mode they are redrawn every `redraw_interval` forward calls
+(0 = never), as the paper recommends; eval mode never redraws,
 and decode never redraws (the state depends on the features). The recompute of activation
 checkpointing (torch.utils.checkpoint) is not a call: it keeps the features in use, which are
 those its forward used unless the layer ran again, and redrew, before that backward.
@@ -39,6 +40,14 @@ from .linear_transformer import KernelAttention
 KERNELS = ("softmax", "relu")
 
 
+def _store_redraw_calls(module: "PerformerAttention", prefix, keep_vars) -> None:
+    module.redraw_calls.fill_(module.calls_since_redraw)
+
+
+def _read_redraw_calls(module: "PerformerAttention", incompatible_keys) -> None:
+    module.calls_since_redraw = int(module.redraw_calls)
+
+
 @register("performer")
 class PerformerAttention(KernelAttention):
     """Options: `features` (m random features per head), `kernel` ("softmax" FAVOR+ or "relu"),
@@ -56,6 +65,11 @@ class PerformerAttention(KernelAttention):
         self.redraw_interval = check_positive_int("redraw_interval", redraw_interval, minimum=0)
         self.register_buffer("omega", orthogonal_gaussian(features, self.head_dim))
         self.calls_since_redraw = 0
+        # the count in state_dict too (written when one is taken, read back on load), so that a
+        # resumed run redraws at the same steps; the int above is the one in use
+        self.register_buffer("redraw_calls", torch.zeros((), dtype=torch.long))
+        self.register_state_dict_pre_hook(_store_redraw_calls)
+        self.register_load_state_dict_post_hook(_read_redraw_calls)
 
     @torch.no_grad()
     def redraw(self) -> None:

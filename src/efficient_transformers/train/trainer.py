@@ -40,6 +40,11 @@ from .distributed import Dist, all_sum, barrier, setup, teardown
 SCHEDULES = ("cosine", "rsqrt", "constant")
 
 
+# build_model arguments the trainer takes from the task, not from the config
+TASK_SETS = {"max_len": "max_len is seq_len", "task": "the task's kind of model",
+             "vocab_size": "the task's vocabulary", "num_classes": "the task's labels"}
+
+
 @dataclass
 class TrainConfig:
     task: str
@@ -76,6 +81,14 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
+        for where in ("model_kwargs", "options"):
+            taken = sorted(set(getattr(self, where)) & set(TASK_SETS))
+            if taken:
+                raise ValueError(f"{where}: {taken} come from the task ({TASK_SETS[taken[0]]}); "
+                                 f"remove them")
+        both = sorted(set(self.model_kwargs) & set(self.options))
+        if both:
+            raise ValueError(f"options: {both} also given in model_kwargs; give each once")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -202,7 +215,9 @@ def make_model(cfg: TrainConfig, task: TaskData):
 
 def check_run_config(out: Path, cfg: TrainConfig, resuming: bool) -> None:
     path = out / "run_config.json"
-    mine = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
+    # as JSON reads it back (tuples become lists), so that a resume compares like with like
+    mine = json.loads(json.dumps({k: v for k, v in asdict(cfg).items()
+                                  if k not in ("device", "out")}))
     if resuming and path.exists():
         saved = read_json(path)
         changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
