@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -45,18 +46,22 @@ def train_steps(model, batches, lr=3e-3):
 
 
 @pytest.mark.parametrize("name", et.list_models())
-def test_every_model_trains_a_few_steps_and_round_trips(name, tmp_path):
+def test_every_model_trains_a_few_steps_round_trips_and_copies(name, tmp_path):
     task = task_for(name)
     model = tiny_model(name, task)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = train_steps(model, [batch_for(task) for _ in range(3)])
     assert all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # right after a step, as EMA weights and torch.optim.swa_utils copy a model: the outputs
+    # its last forward left on it (aux_loss, global states, still in a graph) are not copied
+    twin = copy.deepcopy(model)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = et.load_pretrained(tmp_path / "ckpt")
-    model.eval(), loaded.eval()
+    model.eval(), loaded.eval(), twin.eval()
     tokens, _ = batch_for(task)
     assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+    assert torch.equal(model(tokens).logits, twin(tokens).logits)
 
 
 @pytest.mark.parametrize("name", [n for n in et.list_models() if et.attention_spec(n).decode])

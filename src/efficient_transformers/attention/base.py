@@ -57,7 +57,23 @@ def _reread_buffer_ints(module: "Attention", incompatible_keys) -> None:
         module.buffer_int(name)
 
 
-class Attention(nn.Module):
+class ForwardOutputs:
+    """For a module that leaves outputs of its last forward on itself (`aux_loss`,
+    `global_states`), named in `forward_outputs`: they are not its state, so its copies
+    (copy.deepcopy, as EMA weights and torch.optim.swa_utils take them; pickle) leave them out.
+    A tensor that is still part of a graph would make deepcopy fail."""
+
+    forward_outputs: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self.forward_outputs:
+            if name in state:
+                state[name] = None
+        return state
+
+
+class Attention(ForwardOutputs, nn.Module):
     """Multi-head self-attention over x (B, N, dim) with a key-padding `mask` (B, N), True = real.
 
     Subclasses implement `attend(x, mask) -> (B, N, dim)` and, where the survey says the model
@@ -67,6 +83,7 @@ class Attention(nn.Module):
     """
 
     spec: ClassVar[AttentionSpec]
+    forward_outputs = ("aux_loss",)
     # A small configuration that exercises the mechanism on sequences of 8..64 tokens
     # (several blocks, buckets or clusters); the contract test and the pattern gallery use it.
     small_options: ClassVar[dict[str, Any]] = {}

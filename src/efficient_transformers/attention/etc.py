@@ -42,6 +42,7 @@ from .base import Attention, check_positive_int
 @register("etc")
 class ETCAttention(Attention):
     small_options = {"window": 3, "num_global": 3, "max_distance": 4}
+    forward_outputs = ("aux_loss", "global_states")
 
     def __init__(self, dim: int, heads: int, causal: bool = False, window: int = 84,
                  num_global: int = 8, max_distance: int = 12, learned_globals: bool = True):

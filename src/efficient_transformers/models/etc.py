@@ -12,13 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attention.base import ForwardOutputs
 from ..registry import attention_spec, register_model
 from .transformer import Encoder, TaskModel, build_generic_model
 
 
-class GlobalLocalEncoder(Encoder):
+class GlobalLocalEncoder(ForwardOutputs, Encoder):
     """The generic Encoder whose blocks also carry the global states (B, G, dim): the first
     layer reads `global_tokens`, each later one the states the previous one left."""
+
+    forward_outputs = ("global_states",)
 
     def __init__(self, name: str, *, dim: int, options: dict[str, Any], **kwargs):
         super().__init__(name, dim=dim, options={**options, "learned_globals": False}, **kwargs)
