@@ -222,6 +222,12 @@ def test_peers_without_their_packages_are_reported_not_installed(tmp_path, monke
         assert {c["label"] for c in cases} == {"performer", "performer (causal)",
                                                "lucidrains_performer",
                                                "lucidrains_performer_causal"}
+        # with forward only, the causal form runs forward too, as its causal peer does
+        cases = build_cases(BenchConfig(models=["performer"], peers=True, modes=("fwd",),
+                                        lengths=(64,)))
+        assert {(c["label"], c["mode"], c["causal"]) for c in cases} == {
+            ("performer", "fwd", False), ("performer (causal)", "fwd", True),
+            ("lucidrains_performer", "fwd", False), ("lucidrains_performer_causal", "fwd", False)}
 
 
 def test_reference_kernels_run_first_at_each_length():
@@ -264,6 +270,8 @@ def test_peers_run_beside_their_pair_and_at_the_peers_settings():
                           20.0),
                       rec("lucidrains_routing", "peer", "lucidrains_routing", 40.0)])
     assert [r["time_ratio"] for r in rows] == [0.5]
+    rows = peer_rows([rec("lucidrains_routing", "peer", "lucidrains_routing", 40.0)])
+    assert [r["ours_status"] for r in rows] == ["not in this run"]  # registered, not measured
     # memory_compressed pairs at the peer's convolution: one kernel per head
     cases = build_cases(BenchConfig(models=["memory_compressed"], peers=True, modes=("fwdbwd",),
                                     lengths=(256,), heads=4))

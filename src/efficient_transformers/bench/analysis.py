@@ -171,6 +171,9 @@ def peer_rows(records) -> list[dict[str, Any]]:
     """ours / peer for every peer in the run, per mode and N (time and memory)."""
     from .peers import PEERS
 
+    import efficient_transformers as et
+
+    registered = et.list_attention()
     rows = []
     peer_names = [n for n in dict.fromkeys(r["target"] for r in records if r["kind"] == "peer")]
     for name in peer_names:
@@ -182,10 +185,11 @@ def peer_rows(records) -> list[dict[str, Any]]:
                             key=lambda r: r["n"]):
                 ours = next((o for o in records if o["label"] == ours_label and o["mode"] == mode
                              and o["n"] == r["n"] and o["kind"] == "ours"), None)
+                missing = "not in this run" if peer.ours in registered else "not registered"
                 row = {"peer": name, "package": peer.package, "ours": ours_label,
                        "settings": peer.settings, "mode": mode, "n": r["n"],
                        "peer_status": r["status"], "ours_status": ours["status"] if ours else
-                       "not in this run (not registered)",
+                       missing,
                        "peer_ms": r.get("time_ms"), "ours_ms": ours.get("time_ms") if ours else None,
                        "peer_mib": r.get("peak_mib"),
                        "ours_mib": ours.get("peak_mib") if ours else None, "timing": "separate"}

@@ -55,6 +55,12 @@ def resolve_targets(cfg: BenchConfig) -> list[tuple[str, str]]:
     return targets
 
 
+def peer_runs(modes) -> list[tuple[str, bool]]:
+    """(mode, causal) runs of a peer: forward and forward+backward of those asked, else
+    forward+backward (a causal peer builds its causal module itself)."""
+    return [(m, False) for m in modes if m in ("fwd", "fwdbwd")] or [("fwdbwd", False)]
+
+
 def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
     import efficient_transformers as et
     from .peers import PEERS
@@ -78,12 +84,11 @@ def build_cases(cfg: BenchConfig) -> list[dict[str, Any]]:
                 runs.append(("decode", True))
             elif mode == "causal" and decodes:
                 runs.append(("fwdbwd", True))
-        if kind == "peer":  # peers: forward and forward+backward only
-            runs = [(m, c) for m, c in runs if m != "decode" and not c]
-            if not runs:
-                runs = [("fwdbwd", False)]
-        if kind == "ours" and name in causal_needed and ("fwdbwd", True) not in runs and decodes:
-            runs.append(("fwdbwd", True))
+        if kind == "peer":
+            runs = peer_runs(cfg.modes)
+        if kind == "ours" and name in causal_needed and decodes:
+            # the causal form in the modes its causal peer runs in
+            runs += [(m, True) for m, _ in peer_runs(cfg.modes) if (m, True) not in runs]
         lengths = sorted(int(n) for n in cfg.lengths)
         peer = PEERS.get(name) if kind == "peer" else None
         if peer is not None and peer.options is not None and peer.ours in registered:
