@@ -90,6 +90,33 @@ def test_crossover_is_the_shortest_n_beating_dense_from_there_on():
     assert rows["fast"]["crossover"] == 4096 and rows["slow"]["crossover"] is None
 
 
+def test_decode_claims_are_per_token_and_the_terminal_compares_the_mode_it_shows():
+    from efficient_transformers.bench.analysis import analyse, exponents
+    from efficient_transformers.bench.report import render_terminal
+
+    def rec(label, mode, causal, n, ms):
+        return {"label": label, "target": label.split(" ")[0], "kind": "ours", "mode": mode,
+                "causal": causal, "n": n, "status": "ok", "time_ms": ms, "peak_mib": 1.0,
+                "state_bytes": n}
+
+    ns = (1024, 2048, 4096)
+    decode = ([rec("transformer", "decode", True, n, n / 1000) for n in ns]
+              + [rec("performer", "decode", True, n, 2.0) for n in ns])
+    # the survey's whole-sequence exponent less one: dense O(N) a token, performer O(1)
+    claims = {e["label"]: e["claimed"] for e in exponents(decode)}
+    assert claims == {"transformer": 1.0, "performer": 0.0}
+    results = {"records": decode, "config": {"device": "cpu", "dtype": "fp32"}}
+    results["analysis"] = analyse(results)
+    rows = {line.split()[0]: line.split() for line in render_terminal(results).splitlines()[3:]}
+    assert rows["transformer"][-1] == "baseline" and rows["performer"][-1] == "2k"
+    assert rows["performer"][5:7] == ["0.00", "agree"]
+    # no dense baseline in the run: "–", not "baseline"
+    forward = [rec("performer", "fwd", False, n, n / 100) for n in ns]
+    results = {"records": forward, "config": {"device": "cpu", "dtype": "fp32"}}
+    results["analysis"] = analyse(results)
+    assert render_terminal(results).splitlines()[-1].split()[-1] == "–"
+
+
 def cuda_analysis(records):
     """(the analysis of a CUDA run of `records`, its target rows by (goal, subject))."""
     from efficient_transformers.bench.analysis import analyse

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from .analysis import summarize_status
+from .analysis import crossovers, summarize_status
 from .config import COMPILED_WARMUP
 
 CSV_COLUMNS = ["label", "kind", "target", "mode", "causal", "n", "batch", "dim", "heads", "dtype",
@@ -96,6 +96,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     ns = lengths(records)
     exps = {(e["label"], e["mode"]): e for e in an["exponents"]}
     cross = {c["label"]: c for c in an["crossover"]}
+    baselines = {c["baseline"] for c in cross.values()}
     out = [f"# Attention benchmark: {cfg['device'].upper()}, {cfg['dtype']}", ""]
     if cfg.get("command"):
         out += [f"Command: `{cfg['command']}`", ""]
@@ -135,7 +136,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                     fmt_exp(e.get("memory_exponent"))]
             if mode == "fwdbwd":
                 c = cross.get(lab)
-                row.append("baseline" if c is None else
+                row.append(("baseline" if lab in baselines else "–") if c is None else
                            (fmt_n(c["crossover"]) if c["crossover"] else "never"))
             rows.append(row)
         out += [md_table(header, rows), ""]
@@ -227,7 +228,8 @@ def render_terminal(results: dict[str, Any]) -> str:
     mode = "fwdbwd" if any(r["mode"] == "fwdbwd" for r in records) else records[0]["mode"]
     g = grid(records, mode)
     exps = {(e["label"], e["mode"]): e for e in an["exponents"]}
-    cross = {c["label"]: c for c in an["crossover"]}
+    cross = {c["label"]: c for c in crossovers(records, mode)}   # of the mode shown
+    baselines = {c["baseline"] for c in cross.values()}
     header = ["mechanism"] + [f"{fmt_n(n)} ms" for n in ns] + ["t-exp", "claim", "verdict",
                                                                "m-exp", "beats dense"]
     rows = []
@@ -237,7 +239,7 @@ def render_terminal(results: dict[str, Any]) -> str:
         rows.append([lab] + [cell(by_n.get(n), "time_ms") for n in ns] +
                     [fmt_exp(e.get("time_exponent")), fmt_exp(e.get("claimed")),
                      e.get("time_verdict", "n/a"), fmt_exp(e.get("memory_exponent")),
-                     "baseline" if c is None else
+                     ("baseline" if lab in baselines else "–") if c is None else
                      (fmt_n(c["crossover"]) if c["crossover"] else "never")])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
