@@ -157,8 +157,9 @@ def test_generate_greedy_top_k_and_limits():
     assert torch.equal(sampled, greedy)  # top-1 sampling is greedy
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(prompt, max_new_tokens=16)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, max_new_tokens=2, temperature=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate(prompt, max_new_tokens=2, temperature=bad)
 
 
 def test_model_input_errors():

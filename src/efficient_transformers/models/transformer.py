@@ -222,8 +222,9 @@ class LanguageModel(TaskModel):
         if prompt.shape[1] + max_new_tokens > self.encoder.max_len:
             raise ValueError(f"max_new_tokens: prompt length {prompt.shape[1]} + {max_new_tokens} "
                              f"exceeds max_len={self.encoder.max_len}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
         if top_k is not None:
             check_positive_int("top_k", top_k)
         was_training = self.training
