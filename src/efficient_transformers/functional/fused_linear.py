@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .amp import autocast_free, cast_like_autocast
-from .kernels import DEFAULT_CHUNK, compute_dtype
+from .kernels import DEFAULT_CHUNK, compute_dtype, normaliser_ok
 from .scratch import Scratch
 
 
@@ -40,9 +40,9 @@ def _elu_features_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_normaliser_(den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normaliser -> (it with 1 where not above the smallest normal number, in place, as
-    `safe_divide`; the mask of where it is above: its gradient flows only there)."""
-    ok = den > torch.finfo(den.dtype).tiny
+    """Normaliser -> (it with 1 where not `normaliser_ok`, in place, as `safe_divide`; the mask
+    of where it is: its gradient flows only there)."""
+    ok = normaliser_ok(den)
     return den.masked_fill_(~ok, 1.0), ok
 
 

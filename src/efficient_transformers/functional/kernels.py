@@ -63,10 +63,18 @@ def keeps_bf16(x: torch.Tensor) -> bool:
     return x.is_cuda if KEEP_BF16 is None else KEEP_BF16
 
 
+def normaliser_ok(den: torch.Tensor) -> torch.Tensor:
+    """Where a linear-attention normaliser can be divided by: above the square root of the
+    smallest normal number, so that its square (in the division's gradient) is normal too. Below
+    it (rows with nothing to attend to, or FAVOR+ at attention logits of thousands, whose
+    features overlap by less than 1e-19) the row is not divided: its output is the numerator,
+    at most 1e-19 max |v|, with finite gradients, where dividing gave inf·0 = NaN ones."""
+    return den > torch.finfo(den.dtype).tiny ** 0.5
+
+
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator where the denominator exceeds the smallest normal number; rows
-    with nothing to attend to (denominator 0, numerator 0) give 0 with finite gradients."""
-    ok = denominator > torch.finfo(denominator.dtype).tiny
+    """numerator / denominator where `normaliser_ok`, else the numerator (about 0)."""
+    ok = normaliser_ok(denominator)
     return numerator / torch.where(ok, denominator, torch.ones_like(denominator))
 
 
