@@ -9,10 +9,10 @@ computed chunk by chunk: no N × m × d cumulative tensor); decode is the consta
 Random features: drawn at construction from torch's RNG (torch.manual_seed reproduces them) and
 kept in the `omega` buffer (saved with the model, as is the count of calls since the last redraw,
 `redraw_calls`). In training mode they are redrawn every `redraw_interval` forward calls
-(0 = never), as the paper recommends; eval mode never redraws,
-and decode never redraws (the state depends on the features). The recompute of activation
-checkpointing (torch.utils.checkpoint) is not a call: it keeps the features in use, which are
-those its forward used unless the layer ran again, and redrew, before that backward.
+(0 = never), as the paper recommends; eval mode never redraws, and decode never redraws (the
+state depends on the features). The recompute of activation checkpointing
+(torch.utils.checkpoint) is not a call: it keeps the features in use, which are those its
+forward used unless the layer ran again, and redrew, before that backward.
 
 Exponent stabilisation (bf16/fp16 safe, strictly causal): queries and non-causal keys by a max
 that cancels (`functional.kernels.softmax_feature_map`); causal keys each by their own max,
