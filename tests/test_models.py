@@ -85,6 +85,9 @@ def test_language_models_with_default_options_generate(name):
     rest, _ = model.decode(tokens[:, 5:], state)
     assert torch.allclose(torch.cat([logits, rest], 1), model(tokens).logits, atol=1e-4)
     assert model.generate(tokens[:, :4], max_new_tokens=3).shape == (2, 7)
+    for bad in (-1, float("nan"), True):  # every language model checks its sampling the same way
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate(tokens[:, :4], max_new_tokens=3, temperature=bad)
 
 
 @pytest.mark.parametrize("name,options", [("axial_transformer", {}),

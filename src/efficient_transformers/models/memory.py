@@ -28,7 +28,7 @@ from ..attention.base import check_positive_int
 from ..registry import register_model
 from .transformer import (
     IGNORE_INDEX, LanguageModel, ModelOutput, TaskModel, build_generic_model, check_mask,
-    check_tokens, sample_next,
+    check_sampling, check_tokens, sample_next,
 )
 
 
@@ -99,12 +99,8 @@ class MemoryLanguageModel(LanguageModel):
                  memory: dict[str, Any] | None = None) -> torch.Tensor:
         """Continue `prompt` (B, T) after `memory` (e.g. the stream read so far): greedy when
         temperature == 0. No length limit: the memory is bounded. Returns (B, T + max_new_tokens)."""
-        check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
-        check_tokens(prompt, self.vocab_size, self.encoder.max_len, argument="prompt")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-        if top_k is not None:
-            check_positive_int("top_k", top_k)
+        check_sampling(prompt, max_new_tokens, temperature, top_k, self.vocab_size,
+                       self.encoder.max_len)
         self.check_memory(memory, prompt.shape[0])
         was_training = self.training
         self.eval()

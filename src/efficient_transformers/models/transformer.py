@@ -217,16 +217,11 @@ class LanguageModel(TaskModel):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `prompt` (B, T): greedy when temperature == 0, else sampled (optionally top-k).
         Returns (B, T + max_new_tokens)."""
-        check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
-        check_tokens(prompt, self.vocab_size, self.encoder.max_len, argument="prompt")
+        check_sampling(prompt, max_new_tokens, temperature, top_k, self.vocab_size,
+                       self.encoder.max_len)
         if prompt.shape[1] + max_new_tokens > self.encoder.max_len:
             raise ValueError(f"max_new_tokens: prompt length {prompt.shape[1]} + {max_new_tokens} "
                              f"exceeds max_len={self.encoder.max_len}")
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not math.isfinite(temperature) or temperature < 0):
-            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
-        if top_k is not None:
-            check_positive_int("top_k", top_k)
         was_training = self.training
         self.eval()
         out = prompt
@@ -239,6 +234,18 @@ class LanguageModel(TaskModel):
             logits, state = self.decode(next_token, state)
         self.train(was_training)
         return out
+
+
+def check_sampling(prompt, max_new_tokens, temperature, top_k, vocab_size: int,
+                   max_len: int) -> None:
+    """The arguments of `generate`, before any compute."""
+    check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
+    check_tokens(prompt, vocab_size, max_len, argument="prompt")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
