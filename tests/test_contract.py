@@ -115,6 +115,20 @@ def test_bad_input_is_refused_before_compute(name):
             attn(torch.randn(1, attn.max_len + 1, DIM, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", DECODERS)
+def test_decode_refuses_a_state_it_did_not_make(name):
+    attn = small_attention(name, causal=True)
+    x = torch.randn(2, 9, DIM, dtype=torch.float64)
+    _, state = attn.decode(x)
+    with pytest.raises(ValueError, match="state: holds 2 sequences, x_new has batch 3"):
+        attn.decode(torch.randn(3, 1, DIM, dtype=torch.float64), state)
+    other = "transformer" if name != "transformer" else "performer"
+    _, foreign = small_attention(other, causal=True).decode(x)
+    for bad in (foreign, {"k": x}, x):
+        with pytest.raises(TypeError, match="state: expected None or the state"):
+            attn.decode(x[:, :1], bad)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_decode_refused_where_not_claimed(name):
     attn = small_attention(name)

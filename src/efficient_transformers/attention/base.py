@@ -179,8 +179,25 @@ class Attention(ForwardOutputs, nn.Module):
             raise ValueError(f"decode: {self.spec.name!r} does not decode (survey Table 1)")
         if not self.causal:
             raise ValueError("decode: build the layer with causal=True to decode")
+        self.check_state(state, x_new)
         self.check_input(x_new, None, offset=self.decoded_length(state))
-        return self.decode_step(x_new, state)
+        y, new_state = self.decode_step(x_new, state)
+        new_state.update(layer=self.spec.name, batch=x_new.shape[0])  # what check_state reads
+        return y, new_state
+
+    def check_state(self, state: Any, x_new: Any) -> None:
+        """`state`: None, or the dict a decode of this kind of layer returned for as many
+        sequences as x_new holds (refused before any compute, as bad input is)."""
+        if state is None:
+            return
+        made_by = state.get("layer") if isinstance(state, dict) else None
+        if made_by != self.spec.name:
+            got = f"the state of a {made_by} layer" if made_by else type(state).__name__
+            raise TypeError(f"state: expected None or the state a {self.spec.name} layer's "
+                            f"decode returned, got {got}")
+        if isinstance(x_new, torch.Tensor) and x_new.dim() == 3 and x_new.shape[0] != state["batch"]:
+            raise ValueError(f"state: holds {state['batch']} sequences, x_new has batch "
+                             f"{x_new.shape[0]}")
 
     # ------------------------------------------------------------------- for subclasses
     def attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
