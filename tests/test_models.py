@@ -88,6 +88,16 @@ def test_language_models_with_default_options_generate(name):
     for bad in (-1, float("nan"), True):  # every language model checks its sampling the same way
         with pytest.raises(ValueError, match="temperature"):
             model.generate(tokens[:, :4], max_new_tokens=3, temperature=bad)
+    # and its decode state, before any compute: not a state, a shallower model's, another batch's
+    for bad in ({"k": 1}, tokens):
+        with pytest.raises(TypeError, match="state: expected None or the state"):
+            model.decode(tokens[:, 5:6], bad)
+    with pytest.raises(ValueError, match="state: expected 2 layer states, got 1"):
+        model.decode(tokens[:, 5:6], {**state, "layers": state["layers"][:1]})
+    with pytest.raises(ValueError, match="state: holds 2"):
+        model.decode(tokens[:1, 5:6].expand(3, 1), state)
+    with pytest.raises(ValueError, match="token ids"):
+        model.decode(tokens[:, 5:6] + 11, state)
 
 
 @pytest.mark.parametrize("name,options", [("axial_transformer", {}),
@@ -143,6 +153,15 @@ def test_dual_encoder_combines_two_texts():
     assert not torch.allclose(out.logits, swapped)  # [u, v, u*v, u-v] is ordered
     with pytest.raises(ValueError, match="tokens"):
         model(tokens[:, 0])
+
+
+def test_decode_refuses_to_go_past_max_len():
+    model = et.build_model("transformer", task="lm", vocab_size=11, dim=16, depth=1, heads=2,
+                           max_len=8).eval()
+    tokens = torch.randint(0, 11, (2, 5))
+    _, state = model.decode(tokens)
+    with pytest.raises(ValueError, match="tokens: 5 decoded \\+ 4 new exceed max_len=8"):
+        model.decode(tokens[:, :4], state)
 
 
 def test_generate_greedy_top_k_and_limits():

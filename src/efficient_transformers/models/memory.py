@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from ..attention.base import check_positive_int
 from ..registry import register_model
 from .transformer import (
-    IGNORE_INDEX, LanguageModel, ModelOutput, TaskModel, build_generic_model, check_mask,
-    check_sampling, check_tokens, sample_next,
+    IGNORE_INDEX, LanguageModel, ModelOutput, TaskModel, build_generic_model,
+    check_layer_states, check_mask, check_sampling, check_tokens, sample_next,
 )
 
 
@@ -44,18 +44,17 @@ class MemoryLanguageModel(LanguageModel):
         TaskModel.__init__(self, generic.config)
         self.encoder, self.head, self.vocab_size = generic.encoder, generic.head, generic.vocab_size
 
-    def check_memory(self, memory: Any, batch: int) -> None:
+    def check_memory(self, memory: Any, batch: int, argument: str = "memory") -> None:
+        check_layer_states(memory, len(self.encoder.blocks), argument)
         if memory is None:
             return
-        if not isinstance(memory, dict) or "layers" not in memory or "length" not in memory:
-            raise TypeError("memory: expected the `memory` of a previous output (a dict with "
-                            f"'length' and 'layers'), got {type(memory).__name__}")
-        if len(memory["layers"]) != len(self.encoder.blocks):
-            raise ValueError(f"memory: expected {len(self.encoder.blocks)} layer states, "
-                             f"got {len(memory['layers'])}")
-        rows = memory["layers"][0]["mem"].shape[0] if memory["layers"] else batch
+        layer = memory["layers"][0] if memory["layers"] else {}
+        if not isinstance(layer, dict) or "mem" not in layer:
+            raise TypeError(f"{argument}: expected the {argument} of a {self.config['name']} "
+                            f"model, its layers' states hold no 'mem'")
+        rows = layer["mem"].shape[0]
         if rows != batch:
-            raise ValueError(f"memory: holds {rows} streams, tokens have batch {batch}")
+            raise ValueError(f"{argument}: holds {rows} streams, tokens have batch {batch}")
 
     def run(self, tokens, mask, memory):
         """tokens (B, N) after `memory` -> hidden (B, N, dim), new memory."""
@@ -90,6 +89,11 @@ class MemoryLanguageModel(LanguageModel):
 
     def decode(self, tokens, state=None):
         """Incremental forward with the memory as state: tokens (B, T) -> logits, state."""
+        check_tokens(tokens, self.vocab_size, self.encoder.max_len)
+        self.check_memory(state, tokens.shape[0], argument="state")
+        return self.decode_unchecked(tokens, state)
+
+    def decode_unchecked(self, tokens, state):
         hidden, state = self.run(tokens, None, state)
         return self.head(hidden), state
 
@@ -105,12 +109,12 @@ class MemoryLanguageModel(LanguageModel):
         was_training = self.training
         self.eval()
         out = prompt
-        logits, state = self.decode(prompt, memory)
+        logits, state = self.decode_unchecked(prompt, memory)
         for step in range(max_new_tokens):
             next_token = sample_next(logits[:, -1].float(), temperature, top_k, generator)
             out = torch.cat([out, next_token], dim=1)
             if step + 1 < max_new_tokens:
-                logits, state = self.decode(next_token, state)
+                logits, state = self.decode_unchecked(next_token, state)
         self.train(was_training)
         return out
 

@@ -146,6 +146,18 @@ def check_tokens(tokens: Any, vocab_size: int, max_len: int, argument: str = "to
                              f"got [{low}, {high}]")
 
 
+def check_layer_states(state: Any, depth: int, argument: str = "state") -> None:
+    """A language model's decode state (or memory): None, or the dict a previous call returned,
+    with "length" and one state per layer (each layer checks its own, and the batch)."""
+    if state is None:
+        return
+    if not isinstance(state, dict) or "layers" not in state or "length" not in state:
+        raise TypeError(f"{argument}: expected None or the {argument} a previous call returned "
+                        f"(a dict with 'length' and 'layers'), got {type(state).__name__}")
+    if len(state["layers"]) != depth:
+        raise ValueError(f"{argument}: expected {depth} layer states, got {len(state['layers'])}")
+
+
 def check_mask(mask: Any, shape: tuple[int, ...], argument: str = "mask") -> None:
     if mask is None:
         return
@@ -209,6 +221,16 @@ class LanguageModel(TaskModel):
 
     def decode(self, tokens, state=None):
         """Incremental forward: tokens (B, T) -> logits (B, T, vocab), state for the next call."""
+        check_layer_states(state, len(self.encoder.blocks))
+        check_tokens(tokens, self.vocab_size, self.encoder.max_len)
+        seen = state["length"] if state else 0
+        if seen + tokens.shape[1] > self.encoder.max_len:
+            raise ValueError(f"tokens: {seen} decoded + {tokens.shape[1]} new exceed "
+                             f"max_len={self.encoder.max_len}")
+        return self.decode_unchecked(tokens, state)
+
+    def decode_unchecked(self, tokens, state):
+        """`decode` without its checks (generate checks once; a check reads the device)."""
         hidden, state = self.encoder.decode(tokens, state)
         return self.head(hidden), state
 
@@ -225,13 +247,13 @@ class LanguageModel(TaskModel):
         was_training = self.training
         self.eval()
         out = prompt
-        logits, state = self.decode(prompt)
+        logits, state = self.decode_unchecked(prompt, None)
         for _ in range(max_new_tokens):
             next_token = sample_next(logits[:, -1].float(), temperature, top_k, generator)
             out = torch.cat([out, next_token], dim=1)
             if out.shape[1] == prompt.shape[1] + max_new_tokens:
                 break
-            logits, state = self.decode(next_token, state)
+            logits, state = self.decode_unchecked(next_token, state)
         self.train(was_training)
         return out
 
