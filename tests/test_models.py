@@ -198,6 +198,50 @@ def test_model_input_errors():
         et.build_model("transformer", task="lm", windw=3)
 
 
+LABEL_CASES = [("transformer", "classify"), ("transformer", "match"), ("transformer", "lm"),
+               ("set_transformer", "classify"), ("transformer_xl", "lm"), ("reformer", "lm")]
+
+
+def labelled_batch(name, task):
+    model = et.build_model(name, task=task, vocab_size=11, num_classes=3, dim=16, depth=1,
+                           heads=2, max_len=16)
+    tokens = torch.randint(0, 11, (2, 2, 8) if task == "match" else (2, 8))
+    return model, tokens, (tokens if task == "lm" else torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("name,task", LABEL_CASES)
+def test_labels_are_checked_before_compute(name, task):
+    """Out of range (a device-side assert on CUDA), negative other than -100, float, or of
+    another shape: ValueError, with the tokens' one read of the device."""
+    model, tokens, labels = labelled_batch(name, task)
+    top = 11 if task == "lm" else 3
+    for bad in (labels + top, labels - 5):
+        with pytest.raises(ValueError, match=rf"labels: label ids \(or -100, ignored\) must lie in \[0, {top}\)"):
+            model(tokens, labels=bad)
+    for bad in (labels.float(), labels[:1], labels.bool()):
+        with pytest.raises(ValueError, match="labels: expected an integer tensor of shape"):
+            model(tokens, labels=bad)
+    assert torch.isfinite(model(tokens, labels=labels.int()).loss)   # int32 ids are fine
+
+
+@pytest.mark.parametrize("name,task", LABEL_CASES)
+def test_a_batch_with_nothing_to_score_has_loss_zero(name, task):
+    """Every label -100 (ignored): loss 0 and zero gradients, where a mean over nothing was NaN
+    and reached the weights (and the trainer's evaluation sums)."""
+    model, tokens, labels = labelled_batch(name, task)
+    out = model(tokens, labels=torch.full_like(labels, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    scored = model(tokens, labels=labels).loss       # and a normal batch: the usual mean
+    flat = model(tokens).logits
+    if task == "lm":
+        expected = torch.nn.functional.cross_entropy(flat[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    else:
+        expected = torch.nn.functional.cross_entropy(flat, labels)
+    assert abs(scored.item() - expected.item()) < 1e-5
+
+
 def test_load_refuses_a_mismatched_checkpoint(tmp_path):
     model = et.build_model("transformer", task="lm", vocab_size=11, dim=16, depth=1, heads=2, max_len=8)
     model.save_pretrained(tmp_path)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from ..attention.base import check_positive_int
 from ..registry import register_model
 from .transformer import (
-    IGNORE_INDEX, LanguageModel, ModelOutput, TaskModel, build_generic_model,
-    check_layer_states, check_mask, check_sampling, check_tokens, sample_next,
+    LanguageModel, ModelOutput, TaskModel, build_generic_model, check_layer_states, check_mask,
+    check_sampling, check_tokens, next_token_loss, sample_next,
 )
 
 
@@ -70,21 +70,13 @@ class MemoryLanguageModel(LanguageModel):
         return self.encoder.norm(x), {"length": length, "layers": new_states}
 
     def forward(self, tokens, mask=None, labels=None, memory=None) -> MemoryOutput:
-        check_tokens(tokens, self.vocab_size, self.encoder.max_len)
+        check_tokens(tokens, self.vocab_size, self.encoder.max_len, labels=labels,
+                     num_labels=self.vocab_size, labels_per="token")
         check_mask(mask, tuple(tokens.shape))
-        if labels is not None and tuple(labels.shape) != tuple(tokens.shape):
-            raise ValueError(f"labels: expected shape {tuple(tokens.shape)}, got {tuple(labels.shape)}")
         self.check_memory(memory, tokens.shape[0])
         hidden, memory = self.run(tokens, mask, memory)
         logits = self.head(hidden)
-        loss = None
-        if labels is not None:  # position i predicts labels[i + 1], as in LanguageModel
-            targets = labels[:, 1:]
-            if mask is not None:
-                targets = targets.masked_fill(~mask[:, 1:], IGNORE_INDEX)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        out = self.finish(logits, hidden, loss)
+        out = self.finish(logits, hidden, next_token_loss(logits, labels, mask))
         return MemoryOutput(**vars(out), memory=memory)
 
     def decode(self, tokens, state=None):

@@ -16,13 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attention.base import check_choice, check_positive_int
 from ..attention.set_transformer import MAB, InducingPoints
 from ..registry import register_model
-from .transformer import POSITIONS, Positions, TaskModel, check_labels, check_mask, check_tokens
+from .transformer import (
+    POSITIONS, Positions, TaskModel, check_id_ranges, check_labels, check_mask, check_tokens,
+    scored_cross_entropy,
+)
 
 TASKS = ("classify", "match")
 POOLINGS = ("pma", "cls", "mean")
@@ -108,23 +110,26 @@ class SetTransformer(TaskModel):
             self.head = nn.Sequential(nn.Linear(4 * dim, dim), nn.GELU(), nn.Dropout(dropout),
                                       nn.Linear(dim, num_classes))
 
-    def check_input(self, x, ndim: int) -> None:
+    def check_input(self, x, ndim: int, labels) -> None:
+        """Token ids or float vectors, and the labels (one read of the device for both ranges)."""
         if isinstance(x, torch.Tensor) and x.is_floating_point() and self.input_dim:
             if x.dim() != ndim + 1 or x.shape[-1] != self.input_dim or x.shape[-2] < 1:
                 raise ValueError(f"x: expected float vectors of shape (batch, {'2, ' if ndim == 3 else ''}"
                                  f"size, {self.input_dim}), got {tuple(x.shape)}")
             if x.shape[-2] > self.max_len:
                 raise ValueError(f"x: set size {x.shape[-2]} exceeds max_len={self.max_len}")
+            check_labels(labels, tuple(x.shape[:1]))
+            check_id_ranges([] if labels is None else [("labels", labels, self.num_classes)])
             return
-        check_tokens(x, self.vocab_size, self.max_len, argument="tokens", ndim=ndim)
+        check_tokens(x, self.vocab_size, self.max_len, argument="tokens", ndim=ndim,
+                     labels=labels, num_labels=self.num_classes)
 
     def forward(self, tokens, mask=None, labels=None):
         """tokens: (B, N) ids or (B, N, input_dim) floats; task "match": (B, 2, N[, input_dim])."""
         ndim = 2 if self.task == "classify" else 3
-        self.check_input(tokens, ndim)
+        self.check_input(tokens, ndim, labels)
         shape = tuple(tokens.shape[:ndim])
         check_mask(mask, shape)
-        check_labels(labels, shape[0], self.num_classes)
         if self.task == "classify":
             pooled, hidden = self.encoder(tokens, mask)
             logits = self.head(pooled)
@@ -136,8 +141,7 @@ class SetTransformer(TaskModel):
             pooled, hidden = self.encoder(both, None if mask is None else mask.reshape(2 * b, n))
             u, v = pooled.view(b, 2, -1).unbind(dim=1)
             logits = self.head(torch.cat([u, v, u * v, u - v], dim=-1))
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return self.finish(logits, hidden, loss)
+        return self.finish(logits, hidden, scored_cross_entropy(logits, labels))
 
 
 @register_model("set_transformer")

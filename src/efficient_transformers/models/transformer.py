@@ -24,6 +24,7 @@ TASKS = ("lm", "classify", "match")
 POSITIONS = ("learned", "sinusoidal", "none")
 POOLINGS = ("cls", "mean")
 IGNORE_INDEX = -100
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 @dataclass
@@ -129,7 +130,11 @@ class Encoder(nn.Module):
 
 
 def check_tokens(tokens: Any, vocab_size: int, max_len: int, argument: str = "tokens",
-                 ndim: int = 2) -> None:
+                 ndim: int = 2, labels: Any = None, num_labels: int = 0,
+                 labels_per: str = "example") -> None:
+    """Token ids (dtype, shape, max_len, range) and, when given, `labels`: integer ids, one per
+    example or per token (`labels_per`), in [0, num_labels) or -100 (ignored). One read of the
+    device for both ranges: an id out of range would end in a device-side assert there."""
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int32, torch.int64):
         raise TypeError(f"{argument}: expected an integer tensor, got "
                         f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
@@ -138,12 +143,57 @@ def check_tokens(tokens: Any, vocab_size: int, max_len: int, argument: str = "to
                          f"got shape {tuple(tokens.shape)}")
     if tokens.shape[-1] > max_len:
         raise ValueError(f"{argument}: length {tokens.shape[-1]} exceeds max_len={max_len}")
-    if tokens.numel():
-        # one read of the device (an id out of range would end in a device-side assert there)
-        low, high = torch.stack(torch.aminmax(tokens)).tolist()
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"{argument}: token ids must lie in [0, {vocab_size}), "
-                             f"got [{low}, {high}]")
+    ranges = [(argument, tokens, vocab_size)]
+    if labels is not None:
+        check_labels(labels, tuple(tokens.shape[:ndim if labels_per == "token" else 1]))
+        ranges.append(("labels", labels, num_labels))
+    check_id_ranges(ranges)
+
+
+def check_labels(labels: Any, shape: tuple[int, ...]) -> None:
+    """None, or integer ids of `shape` (their range: `check_id_ranges`)."""
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in INTEGER_DTYPES \
+            or tuple(labels.shape) != shape:
+        raise ValueError(f"labels: expected an integer tensor of shape {shape}, got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+
+
+def check_id_ranges(items: list[tuple[str, torch.Tensor, int]]) -> None:
+    """(argument, ids, upper) each: every id in [0, upper), where "labels" may also be -100
+    (ignored). One read of the device for all."""
+    items = [(name, ids.masked_fill(ids == IGNORE_INDEX, 0) if name == "labels" else ids, upper)
+             for name, ids, upper in items if ids.numel()]
+    if not items:
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(ids)).long() for _, ids, _ in items]).tolist()
+    for (name, _, upper), (low, high) in zip(items, bounds):
+        if low < 0 or high >= upper:
+            what = "token ids" if name != "labels" else "label ids (or -100, ignored)"
+            raise ValueError(f"{name}: {what} must lie in [0, {upper}), got [{low}, {high}]")
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor | None,
+                    mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Position i predicts labels[i + 1]; labels -100 and padded positions are not scored."""
+    if labels is None:
+        return None
+    targets = labels[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(~mask[:, 1:], IGNORE_INDEX)
+    return scored_cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean cross-entropy (float32 at least) over the targets that are not -100; 0, not NaN,
+    where none is scored (a batch of padding alone), so that no NaN reaches the weights."""
+    if targets is None:
+        return None
+    targets = targets.long()
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def check_layer_states(state: Any, depth: int, argument: str = "state") -> None:
@@ -204,20 +254,12 @@ class LanguageModel(TaskModel):
         self.head = nn.Linear(dim, vocab_size)
 
     def forward(self, tokens, mask=None, labels=None) -> ModelOutput:
-        check_tokens(tokens, self.vocab_size, self.encoder.max_len)
+        check_tokens(tokens, self.vocab_size, self.encoder.max_len, labels=labels,
+                     num_labels=self.vocab_size, labels_per="token")
         check_mask(mask, tuple(tokens.shape))
-        if labels is not None and tuple(labels.shape) != tuple(tokens.shape):
-            raise ValueError(f"labels: expected shape {tuple(tokens.shape)}, got {tuple(labels.shape)}")
         hidden = self.encoder(tokens, mask)
         logits = self.head(hidden)
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:]
-            if mask is not None:
-                targets = targets.masked_fill(~mask[:, 1:], IGNORE_INDEX)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return self.finish(logits, hidden, loss)
+        return self.finish(logits, hidden, next_token_loss(logits, labels, mask))
 
     def decode(self, tokens, state=None):
         """Incremental forward: tokens (B, T) -> logits (B, T, vocab), state for the next call."""
@@ -314,21 +356,12 @@ class Classifier(TaskModel):
         self.vocab_size, self.max_tokens, self.num_classes = vocab_size, max_tokens, num_classes
 
     def forward(self, tokens, mask=None, labels=None) -> ModelOutput:
-        check_tokens(tokens, self.vocab_size, self.max_tokens)
+        check_tokens(tokens, self.vocab_size, self.max_tokens, labels=labels,
+                     num_labels=self.num_classes)
         check_mask(mask, tuple(tokens.shape))
-        check_labels(labels, tokens.shape[0], self.num_classes)
         pooled, hidden = self.pooler.encode(self.encoder, tokens, mask)
         logits = self.head(pooled)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return self.finish(logits, hidden, loss)
-
-
-def check_labels(labels, batch: int, num_classes: int) -> None:
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor) or labels.shape != (batch,) or labels.is_floating_point():
-        raise ValueError(f"labels: expected an integer tensor of shape ({batch},), got "
-                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+        return self.finish(logits, hidden, scored_cross_entropy(logits, labels))
 
 
 class DualEncoder(TaskModel):
@@ -343,19 +376,18 @@ class DualEncoder(TaskModel):
         self.vocab_size, self.max_tokens, self.num_classes = vocab_size, max_tokens, num_classes
 
     def forward(self, tokens, mask=None, labels=None) -> ModelOutput:
-        check_tokens(tokens, self.vocab_size, self.max_tokens, ndim=3)
+        check_tokens(tokens, self.vocab_size, self.max_tokens, ndim=3, labels=labels,
+                     num_labels=self.num_classes)
         if tokens.shape[1] != 2:
             raise ValueError(f"tokens: expected shape (batch, 2, length) for a pair, got {tuple(tokens.shape)}")
         check_mask(mask, tuple(tokens.shape))
-        check_labels(labels, tokens.shape[0], self.num_classes)
         b, _, n = tokens.shape
         both = tokens.reshape(2 * b, n)  # rows: pair 0 text 1, pair 0 text 2, ...
         both_mask = None if mask is None else mask.reshape(2 * b, n)
         pooled, hidden = self.pooler.encode(self.encoder, both, both_mask)
         u, v = pooled.view(b, 2, -1).unbind(dim=1)
         logits = self.head(torch.cat([u, v, u * v, u - v], dim=-1))
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return self.finish(logits, hidden, loss)
+        return self.finish(logits, hidden, scored_cross_entropy(logits, labels))
 
 
 MAX_LEN = 1024  # the models' default max_len
