@@ -194,6 +194,13 @@ def test_model_input_errors():
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="task"):
         et.build_model("transformer", task="translate")
+    # every builder (generic, reversible, sets) checks the shared arguments alike
+    for name in ("transformer", "reformer", "set_transformer"):
+        for bad in ({"dropout": "0.1"}, {"dropout": float("nan")}, {"dropout": 1.0},
+                    {"mlp_dim": 0}, {"mlp_dim": -3}, {"dim": 0}):
+            argument = next(iter(bad))
+            with pytest.raises(ValueError, match=f"{argument}: expected"):
+                et.build_model(name, task="classify", **bad)
     with pytest.raises(TypeError, match="valid options"):
         et.build_model("transformer", task="lm", windw=3)
 

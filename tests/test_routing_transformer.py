@@ -258,6 +258,7 @@ def test_aux_loss_is_the_commitment_loss_with_gradient():
 @pytest.mark.parametrize("options,argument", [
     ({"local_heads": 3}, "local_heads"), ({"num_clusters": 0}, "num_clusters"),
     ({"window": 0}, "window"), ({"decay": 1.0}, "decay"), ({"commitment": -1.0}, "commitment"),
+    ({"decay": float("nan")}, "decay"), ({"commitment": float("inf")}, "commitment"),
 ])
 def test_bad_options_are_refused(options, argument):
     with pytest.raises(ValueError, match=argument):

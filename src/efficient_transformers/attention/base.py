@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -15,6 +16,21 @@ def check_positive_int(argument: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{argument}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_number(argument: str, value: Any, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = True) -> float:
+    """A finite real number (not a bool) in the interval from `low` to `high`, each end closed
+    unless `low_open` / `high_open`; returned as a float."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
+        kind = "in " if math.isfinite(high) else ""
+        raise ValueError(f"{argument}: expected a finite number {kind}{interval}, got {value!r}")
+    return float(value)
 
 
 def check_choice(argument: str, value: Any, choices) -> Any:

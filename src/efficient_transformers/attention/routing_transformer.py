@@ -53,7 +53,7 @@ from ..functional.global_local import DilatedWindow
 from ..functional.routed import Commitment, routed_heads
 from ..functional.unit import unit_parts, unit_vectors
 from ..registry import register
-from .base import Attention, check_positive_int, recomputing
+from .base import Attention, check_number, check_positive_int, recomputing
 
 
 @register("routing_transformer")
@@ -71,10 +71,8 @@ class RoutingAttention(Attention):
             local_heads = heads // 2
         if isinstance(local_heads, bool) or not isinstance(local_heads, int) or not 0 <= local_heads <= heads:
             raise ValueError(f"local_heads: expected an integer in [0, heads={heads}], got {local_heads!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
-        if isinstance(commitment, bool) or not isinstance(commitment, (int, float)) or commitment < 0:
-            raise ValueError(f"commitment: expected a number >= 0, got {commitment!r}")
+        check_number("decay", decay, 0.0, 1.0)
+        check_number("commitment", commitment, 0.0)
         self.num_clusters, self.window, self.local_heads = num_clusters, window, local_heads
         self.routing_heads = heads - local_heads
         self.decay, self.commitment = float(decay), float(commitment)

@@ -38,7 +38,7 @@ from ..functional.sinkhorn import (
     sinkhorn_log, sortcut_attention,
 )
 from ..registry import register
-from .base import Attention, check_positive_int
+from .base import Attention, check_number, check_positive_int
 
 
 @register("sinkhorn_transformer")
@@ -50,8 +50,7 @@ class SinkhornAttention(Attention):
         super().__init__(dim, heads, causal)
         check_positive_int("block_size", block_size)
         check_positive_int("sinkhorn_iters", sinkhorn_iters)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        check_number("temperature", temperature, 0.0, low_open=True)
         check_positive_int("sortcut", sortcut, minimum=0)
         if sortcut and causal:
             raise ValueError("sortcut: expected 0 with causal=True (SortCut truncates the sorted "

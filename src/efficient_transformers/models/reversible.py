@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention.base import check_choice, check_positive_int
 from ..attention.reformer import length_buckets
 from ..registry import attention_spec, build_attention, register_model
 from .transformer import (
-    POOLINGS, POSITIONS, TASKS, Classifier, DualEncoder, Encoder, FeedForward, LanguageModel,
-    TaskModel,
+    Classifier, DualEncoder, Encoder, FeedForward, LanguageModel, TaskModel,
+    check_model_arguments,
 )
 
 
@@ -211,17 +210,11 @@ def build_reformer_model(name: str, task: str = "lm", *, vocab_size: int = 256,
     Same arguments as `build_generic_model` plus `reversible` (recompute activations in backward)
     and `ff_chunks` (feed-forward over that many sequence pieces); `options` go to the attention.
     """
-    check_choice("task", task, TASKS)
-    check_choice("positions", positions, POSITIONS)
-    check_choice("pooling", pooling, POOLINGS)
-    for argument, value in (("vocab_size", vocab_size), ("num_classes", num_classes), ("dim", dim),
-                            ("depth", depth), ("heads", heads), ("max_len", max_len),
-                            ("ff_chunks", ff_chunks)):
-        check_positive_int(argument, value)
+    check_model_arguments(task=task, positions=positions, pooling=pooling, vocab_size=vocab_size,
+                          num_classes=num_classes, dim=dim, depth=depth, heads=heads,
+                          max_len=max_len, ff_chunks=ff_chunks, mlp_dim=mlp_dim, dropout=dropout)
     if not isinstance(reversible, bool):
         raise ValueError(f"reversible: expected True or False, got {reversible!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
     spec = attention_spec(name)
     if task == "lm" and options.get("n_buckets") is None:
         # causal layers cannot size their buckets from N (decode grows it): size them from max_len

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention.base import check_choice, check_positive_int
+from ..attention.base import check_positive_int
 from ..attention.set_transformer import MAB, InducingPoints
 from ..registry import register_model
 from .transformer import (
-    POSITIONS, Positions, TaskModel, check_id_ranges, check_labels, check_mask, check_tokens,
-    scored_cross_entropy,
+    Positions, TaskModel, check_id_ranges, check_labels, check_mask, check_model_arguments,
+    check_tokens, scored_cross_entropy,
 )
 
 TASKS = ("classify", "match")
@@ -155,23 +155,17 @@ def build_set_transformer(name: str, task: str = "classify", *, vocab_size: int 
     if task == "lm":
         raise ValueError("task: 'lm' needs a mechanism that decodes; 'set_transformer' does not "
                          "(survey Table 1); use task='classify' or 'match'")
-    check_choice("task", task, TASKS)
-    check_choice("positions", positions, POSITIONS)
-    check_choice("pooling", pooling, POOLINGS)
-    for argument, value in (("vocab_size", vocab_size), ("num_classes", num_classes), ("dim", dim),
-                            ("depth", depth), ("heads", heads), ("max_len", max_len),
-                            ("num_inducing", num_inducing), ("num_seeds", num_seeds)):
-        check_positive_int(argument, value)
+    check_model_arguments(task=task, positions=positions, pooling=pooling, tasks=TASKS,
+                          poolings=POOLINGS, vocab_size=vocab_size, num_classes=num_classes,
+                          dim=dim, depth=depth, heads=heads, max_len=max_len,
+                          num_inducing=num_inducing, num_seeds=num_seeds, mlp_dim=mlp_dim,
+                          dropout=dropout)
     if dim % heads:
         raise ValueError(f"dim: expected a multiple of heads={heads}, got {dim}")
-    if mlp_dim is not None:
-        check_positive_int("mlp_dim", mlp_dim)
     if input_dim is not None:
         check_positive_int("input_dim", input_dim)
     if not isinstance(layer_norm, bool):
         raise ValueError(f"layer_norm: expected True or False, got {layer_norm!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
     config = dict(name=name, task=task, vocab_size=vocab_size, num_classes=num_classes, dim=dim,
                   depth=depth, heads=heads, max_len=max_len, mlp_dim=mlp_dim, dropout=dropout,
                   num_inducing=num_inducing, num_seeds=num_seeds, layer_norm=layer_norm,

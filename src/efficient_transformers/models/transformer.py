@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention.base import check_choice, check_positive_int
+from ..attention.base import check_choice, check_number, check_positive_int
 from ..registry import attention_spec, build_attention
 from .pretrained import PretrainedMixin
 
@@ -305,9 +305,7 @@ def check_sampling(prompt, max_new_tokens, temperature, top_k, vocab_size: int,
     """The arguments of `generate`, before any compute."""
     check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
     check_tokens(prompt, vocab_size, max_len, argument="prompt")
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature) or temperature < 0):
-        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    check_number("temperature", temperature, 0.0)
     if top_k is not None:
         check_positive_int("top_k", top_k)
 
@@ -393,6 +391,20 @@ class DualEncoder(TaskModel):
 MAX_LEN = 1024  # the models' default max_len
 
 
+def check_model_arguments(task: str, positions: str, pooling: str, dropout: Any,
+                          mlp_dim: Any, tasks=TASKS, poolings=POOLINGS, **sizes) -> None:
+    """The arguments every model builder shares; `sizes` are positive integers (vocab_size,
+    dim, depth, ...)."""
+    check_choice("task", task, tasks)
+    check_choice("positions", positions, POSITIONS)
+    check_choice("pooling", pooling, poolings)
+    for argument, value in sizes.items():
+        check_positive_int(argument, value)
+    if mlp_dim is not None:
+        check_positive_int("mlp_dim", mlp_dim)
+    check_number("dropout", dropout, 0.0, 1.0)
+
+
 def build_generic_model(name: str, task: str = "lm", *, vocab_size: int = 256,
                         num_classes: int = 2, dim: int = 128, depth: int = 2, heads: int = 4,
                         max_len: int = MAX_LEN, mlp_dim: int | None = None, dropout: float = 0.0,
@@ -401,14 +413,9 @@ def build_generic_model(name: str, task: str = "lm", *, vocab_size: int = 256,
     """The default model for attention `name`; `options` go to the attention layers.
     `encoder_class`: an `Encoder` subclass for mechanism-specific models (not saved in the
     config: their registered builder passes it again)."""
-    check_choice("task", task, TASKS)
-    check_choice("positions", positions, POSITIONS)
-    check_choice("pooling", pooling, POOLINGS)
-    for argument, value in (("vocab_size", vocab_size), ("num_classes", num_classes), ("dim", dim),
-                            ("depth", depth), ("heads", heads), ("max_len", max_len)):
-        check_positive_int(argument, value)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+    check_model_arguments(task=task, positions=positions, pooling=pooling, vocab_size=vocab_size,
+                          num_classes=num_classes, dim=dim, depth=depth, heads=heads,
+                          max_len=max_len, mlp_dim=mlp_dim, dropout=dropout)
     if task == "lm" and not attention_spec(name).decode:
         raise ValueError(f"task: 'lm' needs a mechanism that decodes; {name!r} does not "
                          f"(survey Table 1); use task='classify' or 'match'")
