@@ -177,6 +177,8 @@ def test_generate_greedy_top_k_and_limits():
     g = torch.Generator().manual_seed(1)
     sampled = model.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=1, generator=g)
     assert torch.equal(sampled, greedy)  # top-1 sampling is greedy
+    for tiny in (1e-30, 1e-45, 5e-324):   # scaled logits overflowed: NaN probabilities before
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=tiny), greedy)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(prompt, max_new_tokens=16)
     for bad in (-1, float("nan"), float("inf")):

@@ -313,9 +313,11 @@ def check_sampling(prompt, max_new_tokens, temperature, top_k, vocab_size: int,
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next token (B, 1)."""
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:   # 0, or as good as 0 in logits' dtype
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # the max first: at a tiny temperature the scaled logits overflow to inf (inf - inf = NaN),
+    # a shifted row only underflows, towards greedy
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
