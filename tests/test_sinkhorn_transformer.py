@@ -229,6 +229,7 @@ def test_gumbel_noise_in_training_only_and_seeded():
     ({"block_size": 0}, ValueError, "block_size"), ({"sinkhorn_iters": 0}, ValueError, "sinkhorn_iters"),
     ({"temperature": 0.0}, ValueError, "temperature"), ({"sortcut": -1}, ValueError, "sortcut"),
     ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": 1e-40}, ValueError, "temperature"),    # NaN outputs before
     ({"temperature": True}, ValueError, "temperature"),
 ])
 def test_bad_options_are_refused(options, error, argument):

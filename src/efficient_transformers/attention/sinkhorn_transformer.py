@@ -41,6 +41,9 @@ from ..registry import register
 from .base import Attention, check_number, check_positive_int
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 @register("sinkhorn_transformer")
 class SinkhornAttention(Attention):
     small_options = {"block_size": 4, "sinkhorn_iters": 5, "temperature": 0.75}
@@ -50,7 +53,9 @@ class SinkhornAttention(Attention):
         super().__init__(dim, heads, causal)
         check_positive_int("block_size", block_size)
         check_positive_int("sinkhorn_iters", sinkhorn_iters)
-        check_number("temperature", temperature, 0.0, low_open=True)
+        # from 1e-6: the scores over a smaller one overflow float32 (the permutation is hard
+        # long before, near 1e-2)
+        check_number("temperature", temperature, MIN_TEMPERATURE)
         check_positive_int("sortcut", sortcut, minimum=0)
         if sortcut and causal:
             raise ValueError("sortcut: expected 0 with causal=True (SortCut truncates the sorted "
