@@ -126,3 +126,13 @@ def test_reader_errors(tmp_path):
         (tmp_path / f"basic_{split}.tsv").write_text("a\tb\n1\t2\n")
     with pytest.raises(ValueError, match="Source"):
         load_task("listops", data=str(tmp_path), seq_len=100)
+    # a malformed row names its file and line; a label outside the 10 classes names its split
+    write_release(tmp_path)
+    good = (tmp_path / "basic_train.tsv").read_text()
+    for extra, message in (("( [MAX 2 3 ] )\n", r"basic_train.tsv, line 7: expected 'Source<TAB>Target'"),
+                           ("( [MAX 2 3 ] )\tx\n", r"basic_train.tsv, line 7: invalid literal"),
+                           ("( [FOO 2 3 ] )\t1\n", r"basic_train.tsv, line 7: source: unknown ListOps token"),
+                           ("( [MAX 2 3 ] )\t11\n", r"the listops train split has label 11; expected class ids in \[0, 10\)")):
+        (tmp_path / "basic_train.tsv").write_text(good + extra)
+        with pytest.raises(ValueError, match=message):
+            load_task("listops", data=str(tmp_path), seq_len=300)

@@ -46,6 +46,9 @@ def test_retrieval_aan(tmp_path):
     assert batch["tokens"].shape == (2, 2, 5) and batch["mask"].shape == (2, 2, 5)
     with pytest.raises(MissingDataError, match="new_aan_pairs.train.tsv"):
         load_task("retrieval", seq_len=8)
+    (tmp_path / "new_aan_pairs.eval.tsv").write_text("3\ta\tb\tc\td\n")   # not a class id
+    with pytest.raises(ValueError, match=r"the retrieval eval split has label 3"):
+        load_task("retrieval", data=str(tmp_path), seq_len=8)
     (tmp_path / "new_aan_pairs.test.tsv").unlink()
     with pytest.raises(MissingDataError, match="new_aan_pairs.test.tsv"):
         load_task("retrieval", data=str(tmp_path), seq_len=8)

@@ -117,6 +117,20 @@ class TaskData:
     chance: float            # accuracy of the best constant guess (majority class) where known
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        """Labels read from files are class ids of this task: a corrupt or foreign file fails
+        here, naming the split, not at some training step."""
+        if self.model_task == "lm":
+            return
+        for name in ("train", "eval", "test"):
+            split = getattr(self, name)
+            if isinstance(split, ListSplit):
+                bad = next((e["label"] for e in split.examples
+                            if not 0 <= e["label"] < self.num_classes), None)
+                if bad is not None:
+                    raise ValueError(f"data: the {self.name} {name} split has label {bad!r}; "
+                                     f"expected class ids in [0, {self.num_classes})")
+
 
 def shard_indices(step: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
     """Global example indices rank `rank` trains on at `step` (global batch `batch_size`)."""

@@ -107,7 +107,17 @@ def read_tsv(path: Path, seq_len: int) -> list[dict]:
         rows = list(csv.reader(f, delimiter="\t"))
     if not rows or [c.strip() for c in rows[0][:2]] != ["Source", "Target"]:
         raise ValueError(f"data: {path} should start with the header 'Source\\tTarget'")
-    return [{"tokens": tokenize(src)[:seq_len], "label": int(tgt)} for src, tgt, *_ in rows[1:] if src]
+    examples = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or not row[0]:
+            continue
+        try:
+            if len(row) < 2:
+                raise ValueError(f"expected 'Source<TAB>Target', got {len(row)} field")
+            examples.append({"tokens": tokenize(row[0])[:seq_len], "label": int(row[1])})
+        except ValueError as err:
+            raise ValueError(f"data: {path}, line {line}: {err}") from None
+    return examples
 
 
 def load(data: str | None, seq_len: int, seed: int, min_length: int | None = None,
