@@ -115,3 +115,10 @@ def test_pathfinder_release(tmp_path, as_npy):
     assert seen == [(i, i % 2) for i in range(8)]
     with pytest.raises(MissingDataError, match="imgs/ and metadata/"):
         load_task("pathfinder", data=str(tmp_path / "imgs"), seq_len=1024)
+    if not as_npy:   # a label that is not an integer names its file and line; one of 2: its split
+        for label, message in (("x", r"0.npy, line 3: label 'x' is not an integer"),
+                               ("2", r"the pathfinder \w+ split has label 2")):
+            rows[2][3] = label
+            meta.write_text("".join(" ".join(r) + "\n" for r in rows))
+            with pytest.raises(ValueError, match=message):
+                load_task("pathfinder", data=str(tmp_path), seq_len=1024)

@@ -45,14 +45,19 @@ def read_release(root: Path, seq_len: int) -> list[dict]:
     files = sorted((root / "metadata").glob("*.npy"), key=lambda p: (len(p.stem), p.stem))
     examples = []
     for meta in files:
-        for fields in read_metadata(meta):
+        for line, fields in enumerate(read_metadata(meta), start=1):
             if len(fields) < 4:
                 continue
             pixels = read_image(root / fields[0] / fields[1]).reshape(-1)
             if pixels.size > seq_len:
                 raise ValueError(f"seq_len: {root / fields[0] / fields[1]} has {pixels.size} "
                                  f"pixels, more than seq_len={seq_len}")
-            examples.append({"tokens": pixels, "label": int(fields[3])})
+            try:
+                label = int(fields[3])
+            except ValueError:
+                raise ValueError(f"data: {meta}, line {line}: label {fields[3]!r} is not an "
+                                 f"integer") from None
+            examples.append({"tokens": pixels, "label": label})
     return examples
 
 
