@@ -343,6 +343,17 @@ def test_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):
     assert "--models: unknown ['nope']" in capsys.readouterr().err
     assert main(["bench", "--modes", "sideways", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--dim", "30", "--heads", "4", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    # each refused before anything runs, naming the flag (these ran, or failed in a case, before)
+    for args, message in ((["--models", ","], "--models: expected at least one name"),
+                          (["--warmup", "-1"], "--warmup: expected an integer >= 0"),
+                          (["--threads", "0"], "--threads: expected an integer >= 1"),
+                          (["--decode-tokens", "0"], "--decode-tokens: expected an integer >= 1"),
+                          (["--lengths", "8,64"], "--decode-tokens: expected fewer than the "
+                                                  "shortest length 8"),
+                          (["--budget", "0"], "--budget: expected seconds > 0")):
+        assert main(["bench", *args, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_compile_mode_times_compiled_layers_and_decodes_eagerly(tmp_path, monkeypatch):

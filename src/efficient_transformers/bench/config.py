@@ -97,6 +97,19 @@ def check_config(cfg: BenchConfig) -> None:
                              "timing runs eager)")
     if cfg.timeout <= 0:
         raise ValueError(f"--timeout: expected seconds > 0, got {cfg.timeout}")
+    if cfg.models is not None and not cfg.models:
+        raise ValueError("--models: expected at least one name, got none")
+    for name, value, low in (("--warmup", cfg.warmup, 0), ("--decode-tokens", cfg.decode_tokens, 1),
+                             ("--threads", cfg.threads, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if "decode" in cfg.modes and cfg.decode_tokens >= min(int(n) for n in cfg.lengths):
+        raise ValueError(f"--decode-tokens: expected fewer than the shortest length "
+                         f"{min(int(n) for n in cfg.lengths)} (decode reads a prompt of N - T "
+                         f"tokens first), got {cfg.decode_tokens}")
+    if cfg.budget is not None and not cfg.budget > 0:
+        raise ValueError(f"--budget: expected seconds > 0, got {cfg.budget}")
     if cfg.device == "cuda":
         import torch
 
