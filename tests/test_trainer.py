@@ -99,6 +99,14 @@ def test_refusals(tmp_path):
         train(tiny(tmp_path, steps=2), progress=False)
     with pytest.raises(ValueError, match="lr"):
         train(tiny(tmp_path, steps=2, lr=1e-2), resume=True, progress=False)
+    # numbers out of range, before any compute (these trained, or failed in numpy, before)
+    for bad, message in (({"clip": -1.0}, "clip: expected a finite number >= 0"),
+                         ({"weight_decay": float("nan")}, "weight_decay: expected a finite number"),
+                         ({"lr": float("inf")}, "lr: expected a finite number > 0"),
+                         ({"eval_examples": 0}, "eval_examples: expected an integer >= 1"),
+                         ({"seed": -1}, "seed: expected an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            train(tiny(tmp_path / "x", **bad), progress=False)
     # build_model arguments that the task sets, or given twice, before any compute
     with pytest.raises(ValueError, match=r"options: \['max_len'\] come from the task"):
         train(tiny(tmp_path / "x", model="linformer", options={"max_len": 64}), progress=False)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..attention.base import check_number, check_positive_int
 from ..io import atomic_write_json, read_json
 from ..models.transformer import IGNORE_INDEX
 from ..registry import build_model
@@ -72,13 +73,14 @@ class TrainConfig:
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup: expected an integer >= 0, got {self.warmup!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("warmup", self.warmup, minimum=0)
+        check_positive_int("seed", self.seed, minimum=0)
+        if self.eval_examples is not None:   # None: the whole split
+            check_positive_int("eval_examples", self.eval_examples)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        check_number("clip", self.clip, 0.0)   # 0: no clipping
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
         for where in ("model_kwargs", "options"):
