@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from efficient_transformers.tasks import collate, shard_indices
+from efficient_transformers.tasks import collate, load_task, shard_indices
 from efficient_transformers.tasks.base import ListSplit, byte_tokens
 
 
@@ -34,3 +34,17 @@ def test_collate_pads_and_masks():
     pair = collate([{"tokens": [[1], [2, 3]], "label": 1}], "match", 3)
     assert pair["tokens"].shape == (1, 2, 3) and pair["mask"][0, 1].tolist() == [True, True, False]
     assert pair["labels"].dtype == torch.long
+
+
+@pytest.mark.parametrize("task,options,message", [
+    ("mqar", {"pairs": 2.5}, "pairs: expected an integer"),
+    ("mqar", {"eval_examples": 0}, "eval_examples: expected an integer >= 1"),
+    ("listops", {"max_args": 1}, "max_args: expected an integer >= 2"),
+    ("listops", {"train_examples": -1}, "train_examples: expected an integer >= 1"),
+    ("pathfinder", {"curvature": float("nan")}, "curvature: expected a finite number"),
+    ("pathfinder", {"distractors": -1}, "distractors: expected an integer >= 0"),
+])
+def test_generated_task_options_are_checked_when_loaded(task, options, message):
+    """(these failed inside numpy or random without naming the option, or made empty splits)"""
+    with pytest.raises(ValueError, match=message):
+        load_task(task, None, seq_len=1024 if task == "pathfinder" else 64, seed=0, **options)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..attention.base import check_positive_int
+
 PAD = 0
 IGNORE_INDEX = -100
 SPLIT_SALT = {"train": 0, "eval": 1, "test": 2}
@@ -68,6 +70,18 @@ class GeneratedSplit(Split):
         if index not in self.cache:
             self.cache[index] = self.make(example_rng(self.seed, self.split, index))
         return self.cache[index]
+
+
+def generated_splits(make: Callable[[np.random.Generator], dict], seed: int,
+                     eval_examples: Any, train_examples: Any) -> dict[str, GeneratedSplit]:
+    """A generated task's splits: eval and test of `eval_examples` each; train endless, or a
+    fixed pool of `train_examples` (None: endless)."""
+    check_positive_int("eval_examples", eval_examples)
+    if train_examples is not None:
+        check_positive_int("train_examples", train_examples)
+    splits = {s: GeneratedSplit(make, seed, s, eval_examples) for s in ("eval", "test")}
+    splits["train"] = GeneratedSplit(make, seed, "train", train_examples, pool=bool(train_examples))
+    return splits
 
 
 class Order:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import GeneratedSplit, ListSplit, MissingDataError, TaskData, majority_rate
+from ..attention.base import check_positive_int
+from .base import ListSplit, MissingDataError, TaskData, generated_splits, majority_rate
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -139,6 +140,8 @@ def load(data: str | None, seq_len: int, seed: int, min_length: int | None = Non
                         eval=ListSplit(splits["eval"]), test=ListSplit(splits["test"]),
                         chance=majority_rate([e["label"] for e in splits["test"]]),
                         info={"source": str(folder)})
+    check_positive_int("max_depth", max_depth)
+    check_positive_int("max_args", max_args, minimum=2)   # an operator takes 2 to max_args
     max_length = min(max_length or seq_len, seq_len)
     min_length = min_length if min_length is not None else max(1, max_length // 4)
     if not 1 <= min_length <= max_length:
@@ -147,8 +150,7 @@ def load(data: str | None, seq_len: int, seed: int, min_length: int | None = Non
     def make(rng):
         return make_example(rng, min_length, max_length, max_depth, max_args)
 
-    splits = {s: GeneratedSplit(make, seed, s, eval_examples) for s in ("eval", "test")}
-    splits["train"] = GeneratedSplit(make, seed, "train", train_examples, pool=bool(train_examples))
+    splits = generated_splits(make, seed, eval_examples, train_examples)
     test_labels = [splits["test"].get(i)["label"] for i in range(min(eval_examples, 200))]
     return TaskData(**common, train=splits["train"], eval=splits["eval"], test=splits["test"],
                     chance=majority_rate(test_labels),

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import IGNORE_INDEX, GeneratedSplit, TaskData
+from ..attention.base import check_positive_int
+from .base import IGNORE_INDEX, TaskData, generated_splits
 
 
 def check_config(vocab_size: int, pairs: int, length: int) -> None:
+    check_positive_int("vocab_size", vocab_size)
+    check_positive_int("pairs", pairs)
     if vocab_size < 4 or vocab_size % 2:
         raise ValueError(f"vocab_size: expected an even number >= 4, got {vocab_size}")
     if not 1 <= pairs < vocab_size // 2:
@@ -55,8 +58,7 @@ def load(data: str | None, seq_len: int, seed: int, vocab_size: int = 8192, pair
     def make(rng):
         return make_example(rng, vocab_size, pairs, seq_len)
 
-    splits = {s: GeneratedSplit(make, seed, s, eval_examples) for s in ("eval", "test")}
-    splits["train"] = GeneratedSplit(make, seed, "train", train_examples, pool=bool(train_examples))
+    splits = generated_splits(make, seed, eval_examples, train_examples)
     # Without reading the context the best guess is any value: 1 / (vocab_size / 2); a model that
     # has learnt "answer with some value from the context" but not which one gets 1 / pairs.
     return TaskData(name="mqar", model_task="lm", vocab_size=vocab_size, num_classes=vocab_size,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import GeneratedSplit, ListSplit, MissingDataError, TaskData, majority_rate
+from ..attention.base import check_number, check_positive_int
+from .base import ListSplit, MissingDataError, TaskData, generated_splits, majority_rate
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -151,7 +152,9 @@ def load(data: str | None, seq_len: int, seed: int, size: int | None = None,
                         test=ListSplit(examples[b:] or examples[-1:]),
                         chance=majority_rate([e["label"] for e in examples]),
                         info={"source": str(root), "shape": [side, side]})
-    size = size or int(np.sqrt(seq_len))
+    size = int(np.sqrt(seq_len)) if size is None else check_positive_int("size", size)
+    check_positive_int("distractors", distractors, minimum=0)
+    check_number("curvature", curvature, 0.0)
     if size < 32 or size * size > seq_len:
         raise ValueError(f"size: expected an image side >= 32 with size*size <= seq_len={seq_len}, "
                          f"got {size}")
@@ -160,7 +163,6 @@ def load(data: str | None, seq_len: int, seed: int, size: int | None = None,
         image, label = make_image(rng, size, distractors, curvature)
         return {"tokens": image.reshape(-1).astype(np.int64), "label": label}
 
-    splits = {s: GeneratedSplit(make, seed, s, eval_examples) for s in ("eval", "test")}
-    splits["train"] = GeneratedSplit(make, seed, "train", train_examples, pool=bool(train_examples))
+    splits = generated_splits(make, seed, eval_examples, train_examples)
     return TaskData(**common, train=splits["train"], eval=splits["eval"], test=splits["test"],
                     chance=0.5, info={"generated": True, "shape": [size, size]})
