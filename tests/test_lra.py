@@ -60,3 +60,10 @@ def test_model_specific_options():
 def test_unknown_names(capsys, tmp_path):
     assert main(["lra", "--models", "nope", "--tasks", "listops", "--out", str(tmp_path)]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def test_a_name_given_twice_counts_once():
+    from efficient_transformers.commands.lra import split_list
+
+    assert split_list("transformer, performer,transformer", ["transformer", "performer"],
+                      "--models") == ["transformer", "performer"]   # one leaderboard row each

@@ -25,7 +25,7 @@ TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image
 
 
 def split_list(text: str, known: list[str], flag: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # once each
     if items == ["all"]:
         return list(known)
     unknown = [t for t in items if t not in known]
