@@ -33,3 +33,14 @@ def test_dense_causal_map_is_the_lower_triangle():
     attn = small_attention("transformer", causal=True)
     weights = influence_map(attn, torch.randn(N, 16, dtype=torch.float64))
     assert torch.equal(weights > 0, torch.ones(N, N, dtype=torch.bool).tril())
+
+
+def test_patterns_command_draws_one_map_and_refuses_a_bad_length(tmp_path, capsys):
+    from efficient_transformers.cli import main
+
+    assert main(["patterns", "longformer", "window=2", "--length", "12",
+                 "--out", str(tmp_path / "map.png")]) == 0
+    assert (tmp_path / "map.png").stat().st_size > 0
+    for length in ("0", "-5"):   # -5 was a RuntimeError from torch
+        assert main(["patterns", "transformer", "--length", length]) == 2
+        assert "--length: expected an integer >= 2" in capsys.readouterr().err

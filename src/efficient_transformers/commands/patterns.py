@@ -97,6 +97,8 @@ def write_gallery(length: int, causal: bool, out_dir: Path) -> Path:
 
 
 def run(args) -> int:
+    if args.length < 2:
+        raise ValueError(f"--length: expected an integer >= 2, got {args.length}")
     if args.all:
         out_dir = Path(args.out or "docs/patterns")
         print(write_gallery(args.length, args.causal, out_dir))
