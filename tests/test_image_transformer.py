@@ -75,3 +75,14 @@ def test_image_model_trains_and_generates_images():
     assert tokens_to_images(out, (4, 6)).shape == (3, 4, 6)
     one_d = et.build_model("image_transformer", dim=32, depth=1, heads=2, block_size=4, window=4, max_len=32)
     train_steps(one_d, torch.randint(0, 256, (2, 30)))
+
+
+def test_images_become_tokens_only_from_whole_intensities():
+    images = torch.randint(0, 256, (2, 4, 6))
+    assert torch.equal(images_to_tokens(images.float()), images.reshape(2, 24))
+    with pytest.raises(ValueError, match="whole intensities"):   # [0, 1] images: all token 0
+        images_to_tokens(images.float() / 255)
+    with pytest.raises(ValueError, match=r"intensities in \[0, 255\]"):
+        images_to_tokens(images + 256)
+    with pytest.raises(ValueError, match="images: expected a tensor"):
+        images_to_tokens(images[0, 0])

@@ -29,8 +29,13 @@ INTENSITIES = 256
 
 def images_to_tokens(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W) or (B, H, W, C) intensities 0..255 -> (B, N) long tokens in raster order."""
-    if images.dim() not in (3, 4):
-        raise ValueError(f"images: expected (B, H, W) or (B, H, W, C), got {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+        raise ValueError(f"images: expected a tensor (B, H, W) or (B, H, W, C), got "
+                         f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
+    if images.is_floating_point() and not torch.equal(images, images.round()):
+        # .long() would truncate: images scaled to [0, 1] would all become token 0
+        raise ValueError("images: expected whole intensities 0..255, got fractions (scale images "
+                         "in [0, 1] by 255 and round them first)")
     tokens = images.reshape(images.shape[0], -1).long()
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= INTENSITIES):
         raise ValueError("images: expected intensities in [0, 255]")
