@@ -114,8 +114,9 @@ class RoutingAttention(Attention):
         (activation checkpointing) those the last forward routed with."""
         if recomputing() and self.routed_with is not None:
             return self.routed_with
-        self.routed_with = self.centroids.detach() if self.training else None
-        return self.centroids.detach()
+        mu = self.centroids.detach()
+        self.routed_with = mu if self.training else None
+        return mu
 
     def learn(self, vectors, scores, real, mu):
         """Commitment loss for the routed vectors and, in training, the EMA step (after routing).

@@ -17,6 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..attention.base import check_positive_int
+
 MODES = ("fwd", "fwdbwd", "decode", "causal")
 
 # `efficient-transformers bench` with no arguments: about 3½ minutes on 2 CPU cores for the 18
@@ -75,10 +77,12 @@ def check_config(cfg: BenchConfig) -> None:
             raise ValueError(f"--modes: expected a subset of {list(MODES)}, got {mode!r}")
     if not cfg.lengths or any(int(n) < 2 for n in cfg.lengths):
         raise ValueError(f"--lengths: expected integers >= 2, got {list(cfg.lengths)}")
-    for name, value in (("--batch", cfg.batch), ("--dim", cfg.dim), ("--heads", cfg.heads),
-                        ("--repeats", cfg.repeats)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    for name, value, low in (("--batch", cfg.batch, 1), ("--dim", cfg.dim, 1),
+                             ("--heads", cfg.heads, 1), ("--repeats", cfg.repeats, 1),
+                             ("--warmup", cfg.warmup, 0), ("--decode-tokens", cfg.decode_tokens, 1)):
+        check_positive_int(name, value, minimum=low)
+    if cfg.threads is not None:
+        check_positive_int("--threads", cfg.threads)
     if cfg.dim % cfg.heads:
         raise ValueError(f"--dim: expected a multiple of --heads={cfg.heads}, got {cfg.dim}")
     if cfg.clock not in ("wall", "cpu") or (cfg.clock == "cpu" and cfg.device != "cpu"):
@@ -99,15 +103,10 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--timeout: expected seconds > 0, got {cfg.timeout}")
     if cfg.models is not None and not cfg.models:
         raise ValueError("--models: expected at least one name, got none")
-    for name, value, low in (("--warmup", cfg.warmup, 0), ("--decode-tokens", cfg.decode_tokens, 1),
-                             ("--threads", cfg.threads, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < low):
-            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    if "decode" in cfg.modes and cfg.decode_tokens >= min(int(n) for n in cfg.lengths):
-        raise ValueError(f"--decode-tokens: expected fewer than the shortest length "
-                         f"{min(int(n) for n in cfg.lengths)} (decode reads a prompt of N - T "
-                         f"tokens first), got {cfg.decode_tokens}")
+    shortest = min(int(n) for n in cfg.lengths)
+    if "decode" in cfg.modes and cfg.decode_tokens >= shortest:
+        raise ValueError(f"--decode-tokens: expected fewer than the shortest length {shortest} "
+                         f"(decode reads a prompt of N - T tokens first), got {cfg.decode_tokens}")
     if cfg.budget is not None and not cfg.budget > 0:
         raise ValueError(f"--budget: expected seconds > 0, got {cfg.budget}")
     if cfg.device == "cuda":

@@ -48,7 +48,7 @@ class MemoryLanguageModel(LanguageModel):
         check_layer_states(memory, len(self.encoder.blocks), argument)
         if memory is None:
             return
-        layer = memory["layers"][0] if memory["layers"] else {}
+        layer = memory["layers"][0]   # depth >= 1 layer states (check_layer_states)
         if not isinstance(layer, dict) or "mem" not in layer:
             raise TypeError(f"{argument}: expected the {argument} of a {self.config['name']} "
                             f"model, its layers' states hold no 'mem'")
