@@ -261,3 +261,74 @@ def test_dense_baseline_does_materialise_when_naive():
     with LargestTensor() as spy:
         naive_attention(q, q, q)
     assert spy.largest >= 64 * 64
+
+
+# Options counted in positions (a window, block, bucket, stride, flange or memory). At or beyond
+# the sequence length each means "all of it", so a value far beyond must give the same result as
+# one just beyond, at no more cost (window=10**6 on 40 tokens used to take gigabytes).
+BEYOND_LENGTH = 24                      # tokens; the options below compare 32 with 4096
+POSITION_OPTIONS = [
+    ("memory_compressed", "block_size", {}),
+    ("image_transformer", "block_size", {}),
+    ("image_transformer", "window", {}),
+    ("image_transformer", "memory_flange", {"mode": "2d", "shape": (4, 6), "query_shape": (2, 3)}),
+    ("image_transformer", "query_shape", {"mode": "2d", "shape": (4, 6), "memory_flange": (1, 2)}),
+    ("sparse_transformer", "stride", {"summary_size": 4}),
+    ("reformer", "bucket_size", {}),
+    ("routing_transformer", "window", {}),
+    ("sinkhorn_transformer", "block_size", {}),
+    ("longformer", "window", {}),
+    ("longformer", "dilation", {"window": 4}),
+    ("etc", "window", {}),
+    ("bigbird", "block_size", {}),
+    ("transformer_xl", "mem_len", {"segment_len": 8}),
+    ("compressive_transformer", "mem_len", {"segment_len": 8, "cmem_len": 4, "compression_rate": 2}),
+    ("compressive_transformer", "cmem_len", {"segment_len": 8, "mem_len": 4, "compression_rate": 2}),
+]
+
+
+def run_with_option(name, causal, options, option, value):
+    """(output at real rows, input gradient, largest tensor) of forward + backward in float64."""
+    if option in ("memory_flange", "query_shape"):
+        value = (value, value)
+    torch.manual_seed(0)
+    attn = et.build_attention(name, dim=DIM, heads=2, causal=causal, **options, **{option: value})
+    attn = attn.double().eval()
+    x = torch.randn(2, BEYOND_LENGTH, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, BEYOND_LENGTH, dtype=torch.bool)
+    mask[1, -5:] = False
+    with LargestTensor() as spy:
+        y = attn(x, mask)
+        (y[mask] ** 2).sum().backward()
+    return y[mask].detach(), x.grad, spy
+
+
+@pytest.mark.parametrize("name,option,options,causal",
+                         [(*case, causal) for case in POSITION_OPTIONS
+                          for causal in ((False, True) if et.attention_spec(case[0]).decode else (False,))])
+def test_options_beyond_the_length_cost_what_the_length_allows(name, option, options, causal):
+    y_near, g_near, near = run_with_option(name, causal, options, option, 32)
+    y_far, g_far, far = run_with_option(name, causal, options, option, 4096)
+    assert max_abs_diff(y_near, y_far) < 1e-12
+    assert max_abs_diff(g_near, g_far) < 1e-12
+    assert far.largest <= near.largest, \
+        f"{option}=4096 made a tensor of {far.largest} elements ({far.op}), {option}=32 at most {near.largest}"
+
+
+@pytest.mark.parametrize("name,option,options",
+                         [case for case in POSITION_OPTIONS if et.attention_spec(case[0]).decode])
+def test_decode_matches_the_forward_with_options_beyond_the_length(name, option, options):
+    # the forward fits its blocks to the sequence it sees; decode, whose sequence grows, must
+    # still agree with it chunk by chunk (a prompt, then 1, 3, 1, ... tokens)
+    value = (4096, 4096) if option in ("memory_flange", "query_shape") else 4096
+    torch.manual_seed(0)
+    attn = et.build_attention(name, dim=DIM, heads=2, causal=True, **options, **{option: value})
+    attn = attn.double().eval()
+    x = torch.randn(2, BEYOND_LENGTH, DIM, dtype=torch.float64)
+    full = attn(x)
+    outs, state, start = [], None, 0
+    for size in (5, 1, 3, 1, 6, 1, 7):
+        y, state = attn.decode(x[:, start:start + size], state)
+        outs.append(y)
+        start += size
+    assert max_abs_diff(torch.cat(outs, dim=1), full) < 1e-10

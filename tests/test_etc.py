@@ -192,3 +192,61 @@ def test_dense_rows_explicit_path_equals_sdpa(kind):
     fast = dense_rows(q, k, v, allowed, explicit=True)
     slow = dense_rows(q, k, v, allowed, explicit=False)
     assert_values_and_gradients_match(fast, slow, params, tol=1e-12)
+
+
+def test_window_and_max_distance_beyond_the_length_cost_what_the_length_allows():
+    """window and the relative tables' radius far beyond N: the oracle's values and gradients
+    (the table entries past N - 1 get zero), and no tensor in the forward larger than at
+    window = radius = N (the backward makes the tables' own gradients, parameter-sized)."""
+    from test_contract import LargestTensor
+
+    b, h, n, g, d = 2, 2, 13, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    key_mask = random_mask(b, n, generator=gen)
+    largest = {}
+    for window, radius in [(n, n), (4096, 4096)]:
+        ql, kl, vl = rand(b, h, n, d), rand(b, h, n, d), rand(b, h, n, d)
+        qg, kg, vg = rand(b, h, g, d), rand(b, h, g, d), rand(b, h, g, d)
+        l2l, g2g = rand(h, 2 * radius + 1), rand(h, 2 * radius + 1)
+        with LargestTensor() as spy:
+            fast = etc_attention(ql, kl, vl, qg, kg, vg, window, 84, l2l, g2g, key_mask)
+        largest[window] = spy.largest
+        slow = oracle(ql, kl, vl, qg, kg, vg, window, l2l, g2g, key_mask, None, None)
+        sel = key_mask[:, None, :, None].expand_as(fast[0])
+        assert max_abs_diff(fast[0][sel], slow[0][sel]) < 1e-12
+        assert max_abs_diff(fast[1], slow[1]) < 1e-12
+        grads = (torch.randn_like(fast[0]) * sel, torch.randn_like(fast[1]))
+        inputs = (ql, kl, vl, qg, kg, vg, l2l, g2g)
+        fast_grads = torch.autograd.grad(fast, inputs, grads)
+        for a, c in zip(fast_grads, torch.autograd.grad(slow, inputs, grads)):
+            assert max_abs_diff(a, c) < 1e-12
+        unused = torch.ones(2 * radius + 1, dtype=torch.bool)
+        unused[radius - (n - 1):radius + n] = False
+        assert not fast_grads[6][:, unused].any()
+    assert largest[4096] <= largest[n]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_path_equals_the_cpu_path_with_max_distance_beyond_the_window(eager_flex, monkeypatch):
+    """The FlexAttention path (its eager reference on the CPU, float32: FlexAttention takes no
+    float64) equals the CPU path with max_distance above and below the window and beyond N, in
+    outputs and the gradients of the parameters the long outputs use; the CPU path makes no
+    copies of the relative table (they are for FlexAttention's backward only)."""
+    from efficient_transformers.functional import flex, global_cuda
+
+    for window, max_distance in [(5, 40), (30, 4096), (5, 3)]:
+        attn = small_attention("etc", dtype=torch.float32, window=window,
+                               max_distance=max_distance).eval()
+        x = torch.randn(2, 24, 16)
+        mask = random_mask(2, 24)
+        attn(x, mask)
+        assert id(attn.l2l_bias) not in global_cuda._SCORE_MODS      # CPU: no copies made
+        monkeypatch.setattr(flex, "FORCE_FLEX", True)
+        fast = attn(x, mask)
+        assert id(attn.l2l_bias) in global_cuda._SCORE_MODS
+        monkeypatch.setattr(flex, "FORCE_FLEX", False)
+        slow = attn(x, mask)
+        used = [p for name, p in attn.named_parameters()   # those the long outputs use
+                if name not in ("g2g_bias", "l2g_bias") and "out_global" not in name]
+        assert_values_and_gradients_match(fast, slow, used, mask[..., None], tol=1e-5,
+                                          grad_tol=1e-4)

@@ -199,3 +199,49 @@ def test_flex_mask_leaves_the_global_tokens_to_the_layer():
     listed = layer.to_dense()[0, 0]                             # (query block, key block)
     assert listed.sum(1).max() <= 3                             # its block and its neighbours
     assert not listed[2:, 0].any()                              # nobody else reaches block 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_and_dilation_beyond_the_length_cost_what_the_length_allows(causal):
+    """window / dilation far beyond N mean the same attention as just beyond it (window >= N:
+    every position; dilation >= N: only j = i): the oracle's values and gradients, and no tensor
+    larger than at window = dilation = N."""
+    from test_contract import LargestTensor
+
+    b, h, n, d = 2, 2, 19, 4
+    gen = torch.Generator().manual_seed(1)
+    key_mask = random_mask(b, n, generator=gen)
+    is_global = torch.zeros(b, n, dtype=torch.bool)
+    is_global[:, 2] = True
+    index, valid = gather_global(is_global & key_mask)
+    largest = {}
+    for window, dilations in [(n, (1, n)), (10**6, (1, 10**6)), (2, (n, 1)), (2, (10**6, 1))]:
+        qs, ks, vs, qg, kg, vg = (rand(b, h, n, d) for _ in range(6))
+        with LargestTensor() as spy:
+            fast = longformer_attention(qs, ks, vs, take_rows(qg, index), kg, vg, index, valid,
+                                        window, dilations, causal, key_mask, 128)
+            fast.sum().backward(retain_graph=True)
+        largest[window, dilations] = spy.largest
+        for t in (qs, ks, vs, qg, kg, vg):
+            t.grad = None
+        slow = oracle(qs, ks, vs, qg, kg, vg, is_global & key_mask, window, dilations, causal,
+                      key_mask)
+        assert_values_and_gradients_match(fast, slow, (qs, ks, vs, qg, kg, vg),
+                                          key_mask[:, None, :, None], tol=1e-12)
+    assert largest[10**6, (1, 10**6)] <= largest[n, (1, n)]
+    assert largest[2, (10**6, 1)] <= largest[2, (n, 1)]
+
+
+def test_decode_with_window_and_dilation_beyond_the_length_continues_the_forward():
+    """window 4096 and a dilation of 4096 on 80 tokens: decoding in pieces (one over the dense
+    decode limit, through the blocked path) equals the causal forward."""
+    attn = small_attention("longformer", causal=True, window=4096, dilation=[1, 4096],
+                           num_global=2)
+    x = torch.randn(1, 80, 16, dtype=torch.float64)
+    full = attn(x)
+    outs, state = [], None
+    for lo, hi in [(0, 1), (1, 71), (71, 75), (75, 80)]:
+        y, state = attn.decode(x[:, lo:hi], state)
+        outs.append(y)
+    assert max_abs_diff(torch.cat(outs, 1), full) < 1e-10
+    assert state["k"].shape[2] == 80      # what was seen, not window · dilation

@@ -186,6 +186,28 @@ def test_layer_equals_oracle_at_any_length_with_padding(causal, n_buckets):
     assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), mask[..., None], tol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n_buckets", [None, 4])
+def test_bucket_size_beyond_the_length_is_the_same_definition_at_a_clamped_chunk(causal, n_buckets):
+    assert [lsh.chunk_for(n, 4096) for n in (1, 2, 23, 32, 33)] == [1, 2, 32, 32, 64]
+    assert lsh.chunk_for(23, 16) == 16 and lsh.chunk_for(23, 24) == 24
+    n = 23
+    attn = small_attention("reformer", causal=causal, n_buckets=n_buckets, bucket_size=4096,
+                           n_hashes=3)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, n, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = random_mask(2, n, generator=gen)
+    fast = attn(x, mask)  # padded to 32 tokens, not 4096
+    qk = attn.split_heads(attn.to_qk(x))
+    v = attn.split_heads(attn.to_v(x))
+    buckets = attn.hash(qk, attn.buckets_for(4096), mask)  # the unclamped bucket count
+    slow = attn.to_out(attn.merge_heads(naive_lsh_attention(qk, v, buckets, 4096, causal)))
+    assert_values_and_gradients_match(fast, slow, [x] + list(attn.parameters()), mask[..., None], tol=1e-12)
+    if causal:  # a prompt through the clamped chunked path, then the cache at bucket_size 4096
+        from test_patterns import check_decode
+        check_decode(attn)
+
+
 def test_bucket_count_follows_the_length_and_is_fixed_when_causal():
     attn = et.build_attention("reformer", dim=16, heads=2, bucket_size=8)
     assert [attn.buckets_for(p) for p in (8, 16, 24, 64)] == [1, 2, 4, 8]  # odd rounded up to even

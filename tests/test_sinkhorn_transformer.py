@@ -237,15 +237,40 @@ def test_bad_options_are_refused(options, error, argument):
         et.build_attention("sinkhorn_transformer", dim=DIM, heads=HEADS, **options)
 
 
+def decode_in_chunks(attn, x, sizes):
+    """x (B, N, dim) fed to decode in chunks of `sizes` (summing to N) -> outputs (B, N, dim)."""
+    outs, state = [], None
+    for chunk in x.split(sizes, dim=1):
+        y, state = attn.decode(chunk, state)
+        outs.append(y)
+    return torch.cat(outs, dim=1)
+
+
 def test_decode_across_many_blocks_matches_forward():
     attn = build(True, block_size=3)
     x = torch.randn(1, 31, DIM, dtype=torch.float64)
-    full = attn(x)
-    outs, state = [], None
-    for a, b in [(0, 10), (10, 11), (11, 18), (18, 31)]:
-        y, state = attn.decode(x[:, a:b], state)
-        outs.append(y)
-    assert max_abs_diff(torch.cat(outs, dim=1), full) < 1e-10
+    assert max_abs_diff(decode_in_chunks(attn, x, [10, 1, 7, 13]), attn(x)) < 1e-10
+
+
+SMALL_CHUNKS = [1, 2, 1, 3, 1, 1, 2, 3, 1, 2, 3, 2, 1]  # N = 23 tokens
+
+
+@pytest.mark.parametrize("block_size", [5, 23, 24, 4096])
+def test_decode_in_small_chunks_matches_forward(block_size):
+    """While the tokens so far fit in block 0, decode computes it as one block of their length:
+    chunks that cross block boundaries (5), end on one (23) or never reach one (24, 4096)."""
+    attn = build(True, block_size=block_size)
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    assert max_abs_diff(decode_in_chunks(attn, x, SMALL_CHUNKS), attn(x)) < 1e-10
+
+
+def test_decode_with_a_block_size_beyond_the_length_costs_no_more():
+    def traffic(block_size):  # bytes the operators of a chunked decode move
+        x = torch.randn(2, N, DIM, dtype=torch.float64)
+        with OperatorTraffic() as count, torch.no_grad():
+            decode_in_chunks(build(True, block_size=block_size), x, SMALL_CHUNKS)
+        return sum(row[1] for row in count.rows.values())
+    assert traffic(4096) <= traffic(32)
 
 
 @pytest.mark.parametrize("task,options", [("lm", {}), ("classify", {"sortcut": 2})])

@@ -114,7 +114,12 @@ class CompressiveAttention(TransformerXLAttention):
             slot_valid = torch.cat([old_valid, ctx.slot_valid], 1)
         g_lo = g_hi - old.shape[1]                                              # group of slot 0
         ends = torch.clamp(ctx.seg0 - self.memory_len, min=0) // c              # (S,) E(s)/c
-        g = ends[:, None] - self.cmem_len + torch.arange(self.cmem_len, device=dev)
+        # slots before group max(0, g_lo) never exist: the windows are cut to what the last
+        # segment can see (the same keys, at the cost of them)
+        last_seg0 = (ctx.end - 1) // self.segment_len * self.segment_len
+        last_end = max(0, last_seg0 - self.memory_len) // c
+        n_slots = min(self.cmem_len, max(0, last_end - max(0, g_lo)))
+        g = ends[:, None] - n_slots + torch.arange(n_slots, device=dev)       # (S, Cm)
         si = g - g_lo
         ok = (g >= 0) & (si >= 0) & (si < slots.shape[1])
         si = si.clamp(0, max(slots.shape[1] - 1, 0))

@@ -71,19 +71,27 @@ class ImageTransformerAttention(PatternAttention):
         if self.shape is not None:
             self.max_len = math.prod(self.shape)
 
-    def pattern(self, n: int):
+    def pattern(self, n: int, fitted: bool = False):
+        """The mask of a sequence of n positions. fitted: query blocks larger than the sequence
+        shrink to it (the same mask on those n positions, at the cost of n; decode, whose
+        sequence grows, keeps the declared sizes)."""
         if self.mode == "1d":
-            return ImageLocal1D(self.block_size, self.window, self.causal)
-        width = grid_shape(n, self.shape)[1]
-        return ImageLocal2D(width, self.query_shape, self.memory_flange, self.causal)
+            block = min(self.block_size, max(n, 1)) if fitted else self.block_size
+            return ImageLocal1D(block, self.window, self.causal)
+        height, width = grid_shape(n, self.shape)
+        query_shape = self.query_shape
+        if fitted:
+            rows = min(height, -(-n // width))
+            query_shape = (min(query_shape[0], max(rows, 1)), min(query_shape[1], width))
+        return ImageLocal2D(width, query_shape, self.memory_flange, self.causal)
 
     def core(self, q, k, v, mask=None):
         """q, k, v (B, H, N, d) -> (B, H, N, d)"""
-        pattern = self.pattern(q.shape[2])
+        pattern = self.pattern(q.shape[2], fitted=True)
         if use_flex(q):
             return flex_pattern_attention(q, k, v, pattern, mask)
         if self.mode == "1d":
-            return pattern_attention(q, k, v, pattern, self.block_size, mask)
+            return pattern_attention(q, k, v, pattern, pattern.block, mask)
         return image2d_attention(q, k, v, pattern, mask)
 
     def decode_step(self, x_new, state):

@@ -19,7 +19,9 @@
   call with the pair rules in its mask_mod (`functional/lsh_flex.py`); the same definition.
 - Any N: the layer pads to a multiple of `bucket_size`; padded and masked tokens get an extra bucket
   that sorts after every real token, so their values never move a real token's chunk and real
-  queries never attend to them.
+  queries never attend to them. A `bucket_size` above N is clamped to the next power of two >= N
+  for padding and chunking (`lsh.chunk_for`): a chunk at or beyond N holds every token either way
+  and P <= bucket_size still gives one bucket, so the sets are the same.
 - The rotations are fixed per layer: a seed drawn from torch's RNG at construction is stored as a
   persistent buffer and the rotations for each bucket count are generated from it, so forward and
   decode agree and a saved model hashes the same after loading. The paper redraws them at every
@@ -54,7 +56,7 @@ from ..functional import lsh_flex
 from ..functional.eager import outside_graphs
 from ..functional.flex import use_flex
 from ..functional.lsh import (
-    causal_allowed_rounds, factorized, lsh_attention, lsh_buckets, random_rotations,
+    causal_allowed_rounds, chunk_for, factorized, lsh_attention, lsh_buckets, random_rotations,
     sort_by_bucket, total_buckets, union_with_self,
 )
 from ..registry import register
@@ -151,28 +153,29 @@ class ReformerAttention(Attention):
         return self.split_heads(self.to_qk(x)), self.split_heads(self.to_v(x))
 
     def hashed(self, x, mask):
-        """x (B, N, dim) padded to P, a multiple of bucket_size -> qk, v (B, H, P, d), buckets
-        (B, H, R, P); padded and masked positions get the padding bucket."""
+        """x (B, N, dim) padded to P, a multiple of the chunk (`chunk_for`) -> qk, v (B, H, P, d),
+        buckets (B, H, R, P); padded and masked positions get the padding bucket."""
         b, n, _ = x.shape
-        x, _ = pad_to_multiple(x, self.bucket_size, dim=1)
+        chunk = chunk_for(n, self.bucket_size)
+        x, _ = pad_to_multiple(x, chunk, dim=1)
         p = x.shape[1]
         key_mask = None
         if mask is not None or p != n:
-            key_mask = pad_mask_to_multiple(mask, n, self.bucket_size, b, device=x.device)
+            key_mask = pad_mask_to_multiple(mask, n, chunk, b, device=x.device)
         qk, v = self.qkv(x)  # (B, H, P, d)
         return qk, v, self.hash(qk, self.buckets_for(p), key_mask)
 
     # ------------------------------------------------------------------------- forward
     def attend(self, x, mask):
         n = x.shape[1]
+        chunk = chunk_for(n, self.bucket_size)  # the padding of `hashed`
         qk, v, buckets = self.hashed(x, mask)
         n_buckets = total_buckets(self.buckets_for(qk.shape[2]))
         if lsh_flex.FORCE is not None or use_flex(qk):   # CUDA (or FORCE_FLEX)
-            out = lsh_flex.lsh_attention_flex(qk, v, buckets, self.bucket_size, self.causal,
-                                              n_buckets, flex=lsh_flex.FORCE)
+            out = lsh_flex.lsh_attention_flex(qk, v, buckets, chunk, self.causal, n_buckets,
+                                              flex=lsh_flex.FORCE)
         else:
-            out = lsh_attention(qk, v, buckets, self.bucket_size, self.causal,
-                                n_buckets=n_buckets)
+            out = lsh_attention(qk, v, buckets, chunk, self.causal, n_buckets=n_buckets)
         return self.to_out(self.merge_heads(out[:, :, :n]))
 
     def display_order(self, x):

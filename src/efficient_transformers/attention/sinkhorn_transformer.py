@@ -2,7 +2,8 @@
 
 Tay, Bahri, Yang, Metzler, Juan, "Sparse Sinkhorn Attention", ICML 2020, arXiv:2002.11296,
 section 3:
-- the sequence is cut into blocks of `block_size` (padded internally to a multiple);
+- the sequence is cut into blocks of `block_size` (padded internally to a multiple); a sequence
+  that fits in one block is one block of its own length (the same attention, without the padding);
 - sorting network (SortNet): each block is summarised by the mean of its real tokens, projected
   per head into a query and a key summary; block-to-block scores R = s_q s_k^T / sqrt(d)
   (an attention-style SortNet that works for any number of blocks);
@@ -75,6 +76,12 @@ class SinkhornAttention(Attention):
     def qkv(self, x):
         return self.split_projection(self.to_qkv(x), 3)
 
+    def block_for(self, length: int) -> int:
+        """The block over `length` positions: block_size, or the length itself when it fits in
+        one block (one block either way: its sorted block is itself, or none when causal, and
+        padding never counts, so only the cost of a block_size far beyond the length changes)."""
+        return min(self.block_size, length)
+
     # ----------------------------------------------------------------------- sorting
     def block_scores(self, summaries: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """summaries (B, nb, dim) -> scores R (B, H, rows, nb). Causal row i uses summary i - 1."""
@@ -99,7 +106,7 @@ class SinkhornAttention(Attention):
     def sort_matrix(self, x, mask):
         """x (B, N, dim) -> padded xp (B, Np, dim), real (B, Np) and P (B, H, nb, nb)."""
         b, n, _ = x.shape
-        s = self.block_size
+        s = self.block_for(n)
         real = pad_mask_to_multiple(mask, n, s, b, device=x.device)  # (B, Np)
         xp, _ = pad_to_multiple(x, s, dim=1)
         perm = self.permutation(self.block_scores(block_means(xp, real, s)))  # (B, H, nb, nb)
@@ -108,7 +115,7 @@ class SinkhornAttention(Attention):
     def display_order(self, x):
         """x (1, N, dim) -> (N,): the blocks in head 0's hard sorted order (slot i takes block
         argmax_j P_ij, see `hard_block_order`), positions in order inside a block, padding dropped."""
-        s = self.block_size
+        s = self.block_for(x.shape[1])
         blocks = hard_block_order(self.sort_matrix(x, None)[2][0, 0])  # (nb,)
         order = (blocks[:, None] * s + torch.arange(s, device=x.device)).reshape(-1)
         return order[order < x.shape[1]]
@@ -116,7 +123,7 @@ class SinkhornAttention(Attention):
     # ----------------------------------------------------------------------- forward
     def attend(self, x, mask):
         b, n, _ = x.shape
-        s = self.block_size
+        s = self.block_for(n)
         xp, real, perm = self.sort_matrix(x, mask)
         nb = xp.shape[1] // s
         q, k, v = self.qkv(xp)  # (B, H, Np, d)
@@ -141,7 +148,7 @@ class SinkhornAttention(Attention):
         if state is not None:
             k = torch.cat([state["k"], k], dim=2)
             v = torch.cat([state["v"], v], dim=2)
-        # summaries of the blocks completed so far (row i only needs blocks < i)
+        # summaries of the blocks of block_size completed so far (row i only needs blocks < i)
         partial = x_new if state is None else torch.cat([state["partial"], x_new], dim=1)
         done = partial.shape[1] // s
         summaries = state["summaries"] if state is not None else x_new.new_zeros(b, 0, dim)
@@ -149,6 +156,9 @@ class SinkhornAttention(Attention):
             ones = torch.ones(b, done * s, dtype=torch.bool, device=x_new.device)
             summaries = torch.cat([summaries, block_means(partial[:, : done * s], ones, s)], dim=1)
         partial = partial[:, done * s:]
+        # attention blocks: while all `end` tokens fit in block 0, one block of length `end` (the
+        # same block 0, so each token sees what the causal forward gives it); else block_size
+        s = self.block_for(end)
         first, last = start // s, (end - 1) // s  # query blocks touched by this chunk
         rows = last - first + 1
         nb = last + 1

@@ -112,6 +112,14 @@ class SparseTransformerAttention(PatternAttention):
         patterns = self.patterns()
         return patterns[0] if len(patterns) == 1 else None
 
+    def compute_stride(self, n: int) -> int:
+        """The stride the block path computes N positions with. A stride beyond the sequence
+        means the same pattern as the smallest such stride (strided: N, one row; fixed: N +
+        summary_size, so that summary positions past the sequence stay past it), at the cost of
+        N, not of the stride."""
+        beyond = n if self.pattern == "strided" else n + self.summary_size
+        return min(self.stride, max(beyond, 1))
+
     def core(self, q, k, v, mask=None):
         """q, k, v (B, H, N, d) -> (B, H, N, d)"""
         if use_flex(q, block_sparse=False):
@@ -120,9 +128,9 @@ class SparseTransformerAttention(PatternAttention):
             return torch.cat([flex_pattern_attention(q[:, g * h:(g + 1) * h], k[:, g * h:(g + 1) * h],
                                                      v[:, g * h:(g + 1) * h], p, mask)
                               for g, p in enumerate(patterns)], dim=1)
-        l, causal = self.stride, self.causal
-        if self.pattern == "strided" and q.shape[2] % l == 0 and uses_grid_flash(q, mask):
+        if self.pattern == "strided" and q.shape[2] % self.stride == 0 and uses_grid_flash(q, mask):
             return self.strided_on_grid(q, k, v)
+        l, causal = self.compute_stride(q.shape[2]), self.causal
         if self.combine == "merged":
             if self.pattern == "strided":
                 local = pattern_attention_with_lse(q, k, v, LocalWindow(l, causal), l, mask)

@@ -116,6 +116,9 @@ class TransformerXLAttention(Attention):
         # query rows: one partial segment exactly, or whole segments (slots outside x discarded)
         a0, R, wseg = (start - s_first * L, n, start - s_first * L + n) if S == 1 else (0, L, L)
         seg0 = (s_first + torch.arange(S, device=dev)) * L                    # (S,)
+        # memory keys of the windows: positions before the buffer never exist, so a memory longer
+        # than what precedes the last segment is cut to that (the same keys, at the cost of them)
+        M = min(M, max(0, s_last * L - p0))
         ctx = SegmentContext(z=z, zmask=zmask, p0=p0, start=start, end=end, S=S, R=R, a0=a0,
                              seg0=seg0, state=state, xmask=xmask)
 
@@ -176,7 +179,7 @@ class TransformerXLAttention(Attention):
         ctx.add(probs=probs, allowed=allowed, zi=zi % zlen, key_in=key_in, n_cm=n_cm,
                 qvalid=(qpos >= start) & (qpos < end), qi=qi)
 
-        keep = min(max(p0, max(0, (end // L) * L - M)), end) - p0            # trim the buffer
+        keep = min(max(p0, max(0, (end // L) * L - self.memory_len)), end) - p0  # trim the buffer
         new_state = {"length": end, "mem": z[:, keep:].detach(), "mem_mask": zmask[:, keep:]}
         new_state.update(self.compressed_state(ctx, keep))
         return self.to_out(out), new_state

@@ -60,6 +60,8 @@ def etc_flex_or_none(ql, kl, vl, qg, kg, vg, window: int, l2l_bias, g2g_bias, ke
     `flash.merge_flash_keys`). Global rows without a key mask: g2g (G × G, relative bias)
     explicit, merged with every long key as chunked flash calls; with one, None: the caller's
     dense rows."""
+    if not flex_applies(ql):   # before the score_mod: its table copies are for FlexAttention only
+        return None
     out = flex_or_none(ql, kl, vl, DilatedWindow(window), key_mask, return_lse=True,
                        score_mod=relative_score_mod(l2l_bias))
     if out is None:
@@ -76,17 +78,25 @@ def etc_flex_or_none(ql, kl, vl, qg, kg, vg, window: int, l2l_bias, g2g_bias, ke
     return long_out, merge_flash_keys(g2g, lse, qg, kl, vl, scale, chunked=True)
 
 
+def flex_applies(q) -> bool:
+    """Whether `flex_or_none` runs FlexAttention for q (B, H, N, d): `flex.use_flex` where
+    functional/flex.py imports."""
+    try:
+        from .flex import use_flex
+    except ImportError:
+        return False
+    return use_flex(q)
+
+
 def flex_or_none(q, k, v, pattern: Pattern, key_mask=None, return_lse: bool = False,
                  score_mod=None):
     """FlexAttention through functional/flex.py (`flex_pattern_attention`) where `use_flex(q)`
     says it applies (CUDA), else None so the caller takes the blocked path. The one place the
     global-token mechanisms (and routing's local heads) call FlexAttention."""
-    try:
-        from .flex import flex_pattern_attention, use_flex
-    except ImportError:
+    if not flex_applies(q):
         return None
-    if not use_flex(q):
-        return None
+    from .flex import flex_pattern_attention
+
     return flex_pattern_attention(q, k, v, pattern, key_mask, return_lse=return_lse,
                                   score_mod=score_mod)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .blocks import pad_mask_to_multiple, pad_to_multiple
 from .eager import outside_graphs
 from .merge import attention_with_lse, stat_dtype
-from .patterns import LocalWindow, Pattern, unique_blocks
+from .patterns import LocalWindow, Pattern, unique_blocks, window_reach
 
 NEG_INF = float("-inf")
 
@@ -255,14 +255,18 @@ def local_attention_with_extras(q, k, v, window: int, causal: bool, key_mask, bl
     rel_bias: None or (H, 2·R + 1) float, added to the local score of (i, j) at
     clamp(j - i, -R, R) + R (ETC's relative position labels, section 2). Returns (B, H, N, d).
     A query at a position where key_mask is False sees its whole window (output meaningless,
-    never empty). Memory O(N · (window + block + G)).
+    never empty). A window of N - 1 or more is the whole sequence: it runs as window N - 1 with
+    blocks of at most `local_block_size(N)` (a wider one costs no more).
+    Memory O(N · (min(window, N) + block + G)).
     """
     bsz, h, n, d = q.shape
+    if window >= n - 1:  # |i - j| <= N - 1 already: the same attention, cost bounded by N
+        window, block = max(n - 1, 0), min(block, local_block_size(max(n, 1)))
     mask = pad_mask_to_multiple(key_mask, n, block, bsz, device=q.device)      # (B, Np)
     q, k, v = (pad_to_multiple(t, block)[0] for t in (q, k, v))
     n_padded = mask.shape[1]
     nq = n_padded // block
-    reach = math.ceil(window / block)
+    reach = window_reach(window, block, nq)
     lo, hi = reach, 0 if causal else reach
     pos = torch.arange(n_padded, device=q.device).view(nq, block)
     q_pos = pos[:, :, None]                                                   # (nq, b, 1)
@@ -312,7 +316,10 @@ def dilated_local_attention(q, k, v, window: int, dilation: int, causal: bool, k
                             block: int, extra_k=None, extra_v=None, extra_allowed=None,
                             scale: float | None = None) -> torch.Tensor:
     """`local_attention_with_extras` with the `DilatedWindow(window, dilation, causal)` pattern,
-    computed as a plain window inside each residue class mod `dilation`. Same arguments."""
+    computed as a plain window inside each residue class mod `dilation`. Same arguments.
+    A dilation of N or more leaves each query only itself: it runs as dilation N (N classes of
+    one position), so a larger one costs no more."""
+    dilation = min(dilation, max(q.shape[2], 1))  # |i - j| < N <= dilation: only j = i either way
     if dilation == 1:
         return local_attention_with_extras(q, k, v, window, causal, key_mask, block,
                                            extra_k, extra_v, extra_allowed, scale=scale)

@@ -111,6 +111,19 @@ def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int | tupl
     return buckets
 
 
+def chunk_for(length: int, bucket_size: int) -> int:
+    """The chunk `length` tokens are padded to a multiple of and cut into: `bucket_size`, or the
+    next power of two >= length when smaller. A chunk at or beyond the length holds every token
+    (non-causal: one chunk; causal: a band over every earlier token), so both give the same sets,
+    at a cost that stops growing with bucket_size; powers of two bound the distinct padded lengths
+    (compiled shapes) of short inputs to about log2(bucket_size). A loop of comparisons, not
+    `bit_length`: a symbolic length under torch.compile supports those."""
+    chunk = 1
+    while chunk < length and chunk < bucket_size:
+        chunk *= 2
+    return min(chunk, bucket_size)
+
+
 def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:
     """buckets (..., P) -> the permutation (..., P) ordering positions by (bucket, position)."""
     positions = torch.arange(buckets.shape[-1], device=buckets.device)

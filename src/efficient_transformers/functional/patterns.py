@@ -46,6 +46,12 @@ def unique_blocks(candidates: torch.Tensor, n_blocks: int) -> torch.Tensor:
     return torch.where(repeat, torch.full_like(sorted_c, -1), sorted_c)
 
 
+def window_reach(window: int, block: int, n_blocks: int) -> int:
+    """Key blocks a window of `window` positions reaches on one side, at most the n_blocks - 1
+    there are (a window beyond the sequence costs what the sequence allows)."""
+    return min(math.ceil(window / block), max(n_blocks - 1, 0))
+
+
 @dataclass(frozen=True)
 class LocalWindow(Pattern):
     """|i - j| <= window (causal: 0 <= i - j <= window)."""
@@ -58,7 +64,7 @@ class LocalWindow(Pattern):
         return ok
 
     def key_blocks(self, n_blocks, block, device=None):
-        reach = math.ceil(self.window / block)
+        reach = window_reach(self.window, block, n_blocks)
         q = torch.arange(n_blocks, device=device)[:, None]
         lo = -reach
         hi = 0 if self.causal else reach
@@ -177,7 +183,7 @@ class ImageLocal1D(Pattern):
     def key_blocks(self, n_blocks, block, device=None):
         if block != self.block:
             raise ValueError(f"block: ImageLocal1D({self.block}) needs block={self.block}, got {block}")
-        reach = math.ceil(self.window / block)
+        reach = window_reach(self.window, block, n_blocks)
         q = torch.arange(n_blocks, device=device)[:, None]
         return unique_blocks(q + torch.arange(-reach, (0 if self.causal else reach) + 1, device=device),
                              n_blocks)
@@ -405,7 +411,7 @@ def image2d_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         return torch.cat([x, x.new_zeros(bsz, h, 1, d)], dim=2)[:, :, seq]
 
     # neighbouring blocks: rows -rr..0 (causal) or -rr..rr, columns -cr..cr; outside = -1
-    rr, cr = -(-hm // hq), -(-wm // wq)
+    rr, cr = window_reach(hm, hq, n_br), window_reach(wm, wq, n_bc)
     br = torch.arange(n_br, device=dev)[:, None, None, None]
     bc = torch.arange(n_bc, device=dev)[None, :, None, None]
     dr = torch.arange(-rr, (0 if pattern.causal else rr) + 1, device=dev)[None, None, :, None]
