@@ -250,3 +250,24 @@ def test_flex_path_equals_the_cpu_path_with_max_distance_beyond_the_window(eager
                 if name not in ("g2g_bias", "l2g_bias") and "out_global" not in name]
         assert_values_and_gradients_match(fast, slow, used, mask[..., None], tol=1e-5,
                                           grad_tol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_flex_path_lets_a_deleted_layer_go(eager_flex, monkeypatch):
+    """The relative bias's score_mod and its table copies are cached per table for
+    FlexAttention; once the layer is gone, so are its table and the cache entry (a sweep that
+    builds many layers in one process must not keep them all)."""
+    import gc
+    import weakref
+
+    from efficient_transformers.functional import flex, global_cuda
+
+    monkeypatch.setattr(flex, "FORCE_FLEX", True)
+    attn = small_attention("etc", dtype=torch.float32)
+    attn(torch.randn(2, 24, 16)).sum().backward()
+    table, key = weakref.ref(attn.l2l_bias), id(attn.l2l_bias)
+    assert key in global_cuda._SCORE_MODS
+    del attn
+    gc.collect()
+    assert table() is None
+    assert key not in global_cuda._SCORE_MODS

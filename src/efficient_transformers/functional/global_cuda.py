@@ -10,6 +10,7 @@ chunks of the keys, or explicit matmuls). The blocked forms they replace are in 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -18,7 +19,7 @@ from .global_local import DilatedWindow, dense_rows, relative_bias
 from .merge import attention_with_lse, merge_pair, softmax_with_lse, stat_dtype
 from .patterns import Pattern
 
-_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (table, score_mod, refresh its copies)
+_SCORE_MODS: dict[int, tuple] = {}   # id(table) -> (weak ref to table, score_mod, [its copies])
 # FlexAttention's backward adds each (query, key) pair's score gradient into the captured table
 # with an atomic add. Clamped at ±R, most pairs of a window share the two end entries (at
 # window 84, R = 12: 144 of a query's 169 keys), so one table would take millions of atomic adds
@@ -30,12 +31,14 @@ BIAS_COPIES = (64, 8)
 def relative_score_mod(table: torch.Tensor):
     """FlexAttention score_mod adding ETC's relative bias table (H, 2R+1) at clamp(j − i, −R, R)
     + R. It reads `BIAS_COPIES` copies of the table (Q, K, H, 2R+1; at least float32), made
-    afresh from `table` at each call (their gradients sum back into it). One function per table
-    object (the compiled kernel guards on the function; a captured parameter keeps its identity
-    through `.to()` and optimiser steps; a deep copy of the layer gets its own); the copies
-    change from call to call inside a holder the function reads (same shape: no recompiling)."""
+    afresh from `table` at each call (their gradients sum back into it); `release_copies` drops
+    them after the FlexAttention call (which keeps what its backward needs). One function per
+    table object (the compiled kernel guards on the function; a captured parameter keeps its
+    identity through `.to()` and optimiser steps; a deep copy of the layer gets its own); the
+    copies change from call to call inside a holder the function reads (same shape: no
+    recompiling). The cache holds the table weakly: its entry goes when the table does."""
     entry = _SCORE_MODS.get(id(table))
-    if entry is None or entry[0] is not table:
+    if entry is None or entry[0]() is not table:
         radius = (table.shape[-1] - 1) // 2
         rows, cols = BIAS_COPIES
         copies: list = [None]
@@ -44,13 +47,25 @@ def relative_score_mod(table: torch.Tensor):
             offset = (kv_idx - q_idx).clamp(-radius, radius) + radius
             return score + copies[0][q_idx % rows, kv_idx % cols, h, offset].to(score.dtype)
 
-        def refresh():
-            work = torch.promote_types(table.dtype, torch.float32)  # bf16 tables: float32 adds
-            copies[0] = table.to(work).view(1, 1, *table.shape).repeat(rows, cols, 1, 1)
-
-        entry = _SCORE_MODS[id(table)] = (table, score_mod, refresh)
-    entry[2]()
+        ref = weakref.ref(table)
+        entry = _SCORE_MODS[id(table)] = (ref, score_mod, copies)
+        weakref.finalize(table, _forget_score_mod, id(table), ref)
+    work = torch.promote_types(table.dtype, torch.float32)  # bf16 tables: float32 adds
+    entry[2][0] = table.to(work).view(1, 1, *table.shape).repeat(*BIAS_COPIES, 1, 1)
     return entry[1]
+
+
+def release_copies(table: torch.Tensor) -> None:
+    """Drop the copies `relative_score_mod(table)` made (they reach the table through autograd,
+    so a cache holding them would keep a deleted layer's table alive)."""
+    entry = _SCORE_MODS.get(id(table))
+    if entry is not None and entry[0]() is table:
+        entry[2][0] = None
+
+
+def _forget_score_mod(key: int, ref) -> None:
+    if key in _SCORE_MODS and _SCORE_MODS[key][0] is ref:
+        del _SCORE_MODS[key]
 
 
 def etc_flex_or_none(ql, kl, vl, qg, kg, vg, window: int, l2l_bias, g2g_bias, key_mask, scale):
@@ -62,8 +77,11 @@ def etc_flex_or_none(ql, kl, vl, qg, kg, vg, window: int, l2l_bias, g2g_bias, ke
     dense rows."""
     if not flex_applies(ql):   # before the score_mod: its table copies are for FlexAttention only
         return None
-    out = flex_or_none(ql, kl, vl, DilatedWindow(window), key_mask, return_lse=True,
-                       score_mod=relative_score_mod(l2l_bias))
+    try:
+        out = flex_or_none(ql, kl, vl, DilatedWindow(window), key_mask, return_lse=True,
+                           score_mod=relative_score_mod(l2l_bias))
+    finally:
+        release_copies(l2l_bias)
     if out is None:
         return None
     long_out = merge_keys(*out, ql, kg, vg, scale=scale)   # l2g: every global key, no bias
