@@ -14,6 +14,7 @@ import weakref
 
 import torch
 
+from .eager import outside_graphs
 from .flash import flash_rows, merge_flash_keys, uses_flash_keys
 from .global_local import DilatedWindow, dense_rows, relative_bias
 from .merge import attention_with_lse, merge_pair, softmax_with_lse, stat_dtype
@@ -39,20 +40,27 @@ def relative_score_mod(table: torch.Tensor):
     recompiling). The cache holds the table weakly: its entry goes when the table does."""
     entry = _SCORE_MODS.get(id(table))
     if entry is None or entry[0]() is not table:
-        radius = (table.shape[-1] - 1) // 2
-        rows, cols = BIAS_COPIES
-        copies: list = [None]
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            offset = (kv_idx - q_idx).clamp(-radius, radius) + radius
-            return score + copies[0][q_idx % rows, kv_idx % cols, h, offset].to(score.dtype)
-
-        ref = weakref.ref(table)
-        entry = _SCORE_MODS[id(table)] = (ref, score_mod, copies)
-        weakref.finalize(table, _forget_score_mod, id(table), ref)
+        entry = _new_score_mod(table)
     work = torch.promote_types(table.dtype, torch.float32)  # bf16 tables: float32 adds
     entry[2][0] = table.to(work).view(1, 1, *table.shape).repeat(*BIAS_COPIES, 1, 1)
     return entry[1]
+
+
+@outside_graphs  # weakref.finalize cannot be traced; the first call per table only
+def _new_score_mod(table: torch.Tensor) -> tuple:
+    """The cache entry of `relative_score_mod` for a table not seen before."""
+    radius = (table.shape[-1] - 1) // 2
+    rows, cols = BIAS_COPIES
+    copies: list = [None]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        offset = (kv_idx - q_idx).clamp(-radius, radius) + radius
+        return score + copies[0][q_idx % rows, kv_idx % cols, h, offset].to(score.dtype)
+
+    ref = weakref.ref(table)
+    entry = _SCORE_MODS[id(table)] = (ref, score_mod, copies)
+    weakref.finalize(table, _forget_score_mod, id(table), ref)
+    return entry
 
 
 def release_copies(table: torch.Tensor) -> None:
