@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pkgutil
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -332,3 +335,45 @@ def test_decode_matches_the_forward_with_options_beyond_the_length(name, option,
         outs.append(y)
         start += size
     assert max_abs_diff(torch.cat(outs, dim=1), full) < 1e-10
+
+
+def clear_module_caches() -> None:
+    """Empty the module-level caches of efficient_transformers.functional (`_NAME: dict`), so
+    that what a test makes in them is made under its own grad mode."""
+    import efficient_transformers.functional as functional
+
+    for info in pkgutil.iter_modules(functional.__path__):
+        module = sys.modules.get(f"{functional.__name__}.{info.name}")
+        for attribute, value in vars(module).items() if module else ():
+            if attribute.startswith("_") and attribute.isupper() and isinstance(value, dict):
+                value.clear()
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+def test_inference_mode_is_no_grad_for_later_training(name, causal):
+    """Calls under torch.inference_mode (evaluation inside a training loop, the layer still in
+    training mode) leave the layer as calls under torch.no_grad do: the training step after them
+    gives the same outputs, gradients and state. A buffer or cache entry made in inference mode
+    would be an inference tensor, which autograd cannot save ("Inference tensors cannot be saved
+    for backward")."""
+    runs = []
+    for context in (torch.inference_mode, torch.no_grad):
+        clear_module_caches()
+        attn = small_attention(name, causal=causal, **STATE_CHANGES_OFTEN.get(name, {})).train()
+        torch.manual_seed(0)
+        x = torch.randn(2, N, DIM, dtype=torch.float64)
+        mask = random_mask(2, N)
+        with context():
+            for _ in range(3):
+                attn(x, mask)
+            if causal:
+                attn.decode(x[:, :5])
+        x.requires_grad_()
+        y = attn(x, mask)
+        (y[mask] ** 2).sum().backward()
+        grads = [x.grad] + [p.grad for p in attn.parameters() if p.grad is not None]
+        runs.append((y.detach(), grads, attn.state_dict()))
+    (y0, g0, s0), (y1, g1, s1) = runs
+    assert max_abs_diff(y0, y1) == 0
+    assert len(g0) == len(g1) and all(max_abs_diff(a, b) == 0 for a, b in zip(g0, g1))
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)

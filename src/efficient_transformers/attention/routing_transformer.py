@@ -48,6 +48,7 @@ from ..functional.kmeans import (
     grouped_window_attention, nearest_centroid, permute, routed_attention, sort_by_group,
     unpermute,
 )
+from ..functional.eager import kept_tensor
 from ..functional.global_cuda import flex_or_none
 from ..functional.global_local import DilatedWindow
 from ..functional.routed import Commitment, routed_heads
@@ -135,7 +136,8 @@ class RoutingAttention(Attention):
             new = mu
             for x, a in zip(vectors, assign):
                 new = ema_centroids(new, x, a, real, self.decay)
-            self.centroids = new  # a new tensor: the graph of this call keeps the old one
+            # a new tensor (the graph of this call keeps the old one), never an inference one
+            self.centroids = kept_tensor(new)
 
     def fused_routing(self, qkv, q, k, real, mask):
         """CPU fast path of the non-causal routing heads (functional/routed.py): the routing

@@ -1,4 +1,5 @@
-"""`outside_graphs`: code that torch.compile must run eagerly, without importing torch._dynamo."""
+"""`outside_graphs`: code that torch.compile must run eagerly, without importing torch._dynamo;
+`outside_inference_mode` and `kept_tensor`: tensors kept from one call to the next."""
 
 from __future__ import annotations
 
@@ -26,3 +27,32 @@ def outside_graphs(fn):
         return disabled(*args, **kwargs)
 
     return call
+
+
+def outside_inference_mode(fn):
+    """`fn` makes tensors kept from one call to the next (a cache entry, a buffer). Made under
+    torch.inference_mode they would be inference tensors, which a later call with autograd
+    cannot save for backward ("Inference tensors cannot be saved for backward"), so `fn` runs
+    with inference mode off and gradients still off."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)   # (dynamo cannot ask about inference mode)
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@outside_inference_mode
+def _normal_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+def kept_tensor(t: torch.Tensor) -> torch.Tensor:
+    """t, to be kept across calls: itself, or a normal copy where it is an inference tensor
+    (see `outside_inference_mode`)."""
+    if torch.compiler.is_compiling():   # dynamo cannot ask about inference mode
+        return t
+    return _normal_copy(t) if t.is_inference() else t

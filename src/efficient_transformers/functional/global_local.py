@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import pad_mask_to_multiple, pad_to_multiple
-from .eager import outside_graphs
+from .eager import outside_graphs, outside_inference_mode
 from .merge import attention_with_lse, stat_dtype
 from .patterns import LocalWindow, Pattern, unique_blocks, window_reach
 
@@ -98,6 +98,7 @@ _BIGBIRD_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the last
 
 
 @outside_graphs  # a torch.Generator cannot be made inside torch.compile
+@outside_inference_mode  # a cache entry, read by later calls with autograd
 def _draw_bigbird_tables(key: tuple) -> None:
     if len(_BIGBIRD_TABLES) >= 64:
         del _BIGBIRD_TABLES[next(iter(_BIGBIRD_TABLES))]
@@ -374,15 +375,18 @@ def dilation_groups(dilations, device):
     could not capture."""
     key = (tuple(dilations), str(device))
     if key not in _DILATION_GROUPS:
-        dils = sorted(set(dilations))
-        if len(dils) == 1:
-            _DILATION_GROUPS[key] = ([(dils[0], None)], None)
-        else:
-            heads = [[i for i, x in enumerate(dilations) if x == d] for d in dils]
-            order = torch.tensor([i for group in heads for i in group], device=device)
-            _DILATION_GROUPS[key] = ([(d, torch.tensor(h, device=device))
-                                      for d, h in zip(dils, heads)], torch.argsort(order))
+        _DILATION_GROUPS[key] = _make_dilation_groups(tuple(dilations), device)
     return _DILATION_GROUPS[key]
+
+
+@outside_inference_mode  # a cache entry: later calls with autograd index with it
+def _make_dilation_groups(dilations: tuple, device):
+    dils = sorted(set(dilations))
+    if len(dils) == 1:
+        return [(dils[0], None)], None
+    heads = [[i for i, x in enumerate(dilations) if x == d] for d in dils]
+    order = torch.tensor([i for group in heads for i in group], device=device)
+    return [(d, torch.tensor(h, device=device)) for d, h in zip(dils, heads)], torch.argsort(order)
 
 
 def grouped_dilated_attention(q, k, v, window: int, dilations, causal: bool, key_mask, block: int,
