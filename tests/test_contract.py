@@ -377,3 +377,54 @@ def test_inference_mode_is_no_grad_for_later_training(name, causal):
     assert max_abs_diff(y0, y1) == 0
     assert len(g0) == len(g1) and all(max_abs_diff(a, b) == 0 for a, b in zip(g0, g1))
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+UNFUSED = {"linear_transformer": "fused", "routing_transformer": "fused_cpu"}  # the switches
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+def test_a_second_backward_pass_gives_the_same_gradients(name, causal):
+    """retain_graph=True, then a second backward through the same graph (two losses, a Jacobian
+    row by row): the same gradients. A fused node that reuses its saved tensors as gradient
+    buffers refuses the second pass, naming the switch to its unfused path, which takes it."""
+    for fused in (True, False):
+        attn = small_attention(name, causal=causal)
+        if not fused:
+            setattr(attn, UNFUSED[name], False)
+        x = torch.randn(2, N, DIM, dtype=torch.float64, requires_grad=True)
+        y = attn(x, random_mask(2, N))
+        first = torch.autograd.grad(y[:, :9].sum(), x, retain_graph=True)[0]
+        if fused and name in UNFUSED and not causal:
+            with pytest.raises(RuntimeError, match=f"second backward.*{UNFUSED[name]} = False"):
+                torch.autograd.grad(y[:, :9].sum(), x)
+            continue
+        assert max_abs_diff(torch.autograd.grad(y[:, :9].sum(), x)[0], first) == 0
+        break
+
+
+@pytest.mark.parametrize("name,causal", both_modes(NAMES))
+def test_double_backward_is_right_or_refused(name, causal):
+    """create_graph=True (a gradient penalty ||d(y·w)/dx||²): its gradient matches central
+    finite differences, or the backward refuses with a clear error (ours for the custom nodes,
+    torch's for SDPA's CPU kernel), never a silently missing second-order term."""
+    long_segments = {"segment_len": 16} if name in ("transformer_xl", "compressive_transformer") else {}
+    attn = small_attention(name, causal=causal, dim=8, heads=2, **long_segments)  # (XL: no detach)
+    gen = torch.Generator().manual_seed(0)
+    x, w, u = (torch.randn(1, 12, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+
+    def penalty(x):
+        g, = torch.autograd.grad((attn(x) * w).sum(), x, create_graph=True)
+        return (g ** 2).sum()
+
+    try:
+        h, = torch.autograd.grad(penalty(x.requires_grad_()), x)
+    except RuntimeError as error:
+        message = str(error)
+        assert "no double backward" in message or (
+            "derivative for aten::_scaled_dot_product" in message and "is not implemented" in message), message
+        return
+    eps = 1e-5
+    with torch.enable_grad():
+        fd = (penalty((x + eps * u).detach().requires_grad_())
+              - penalty((x - eps * u).detach().requires_grad_())) / (2 * eps)
+    assert abs((h * u).sum().item() - fd.item()) < 1e-6 * max(1.0, abs(fd.item()))

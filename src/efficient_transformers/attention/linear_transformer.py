@@ -95,6 +95,8 @@ class LinearTransformerAttention(KernelAttention):
     """Options: `chunk_size` (positions per chunk of the causal form; speed only)."""
 
     small_options = {"chunk_size": 8}
+    fused = True  # the fused node (below); False: `KernelAttention.attend`, whose graph takes
+    #               several backward passes (retain_graph=True), as the fused node's cannot
 
     def __init__(self, dim: int, heads: int, causal: bool = False, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(dim, heads, causal, chunk_size)
@@ -103,7 +105,7 @@ class LinearTransformerAttention(KernelAttention):
         return elu_feature_map(q), elu_feature_map(k), None
 
     def attend(self, x, mask):
-        if keeps_bf16(x) or torch.compiler.is_compiling():
+        if keeps_bf16(x) or torch.compiler.is_compiling() or not self.fused:
             # on CUDA: unfused in bf16 (see the module docstring); torch.compile fuses its own
             return super().attend(x, mask)
         # KernelAttention.attend fused into one autograd node (same values and gradients)

@@ -187,7 +187,8 @@ class RoutingAttention(Attention):
 
     def uses_fused_routing(self, qkv) -> bool:
         """The non-causal routing heads take the fused CPU node (float32/64), unless
-        `fused_cpu` is switched off (tests compare the two)."""
+        `fused_cpu` is switched off (tests compare the two). The fused node's graph takes one
+        backward pass (it reuses its saved tensors), the unfused one several."""
         return (self.fused_cpu and not self.causal and self.routing_heads > 0
                 and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64))
 

@@ -18,6 +18,7 @@ import math
 import torch
 
 from .amp import autocast_free
+from .backward import first_order_only
 from .blocks import pad_mask_to_multiple, pad_to_multiple
 from .merge import (
     attention_with_lse, masked_softmax_, merge_attention_parts, output_shift, softmax_grad_,
@@ -266,7 +267,7 @@ class _AxialAttention(torch.autograd.Function):
         return out.transpose(1, 2), lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         bsz, heads, n, d = q.shape

@@ -36,6 +36,7 @@ import math
 import torch
 
 from .amp import autocast_free
+from .backward import first_order_only
 from .merge import stat_dtype
 
 FLASH_KEYS: bool | None = None  # None: automatic (`uses_flash_keys`); True / False: forced
@@ -144,7 +145,7 @@ class _FlashKeysMerged(torch.autograd.Function):
         return out_g
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, d_out):
         q_c, k_c, v_c, out, lse, out_a, weight_a = ctx.saved_tensors
         chunks, b, h = ctx.chunks, out.shape[0], out.shape[1]

@@ -28,8 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from .amp import autocast_free, cast_like_autocast
+from .backward import first_order_only, single_backward
 from .kernels import DEFAULT_CHUNK, compute_dtype, normaliser_ok
 from .scratch import Scratch
+
+# the non-causal nodes overwrite their saved tensors in backward (memory): one pass per graph
+fused_backward = single_backward("use the layer's unfused path: `layer.fused = False`")
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -129,7 +133,8 @@ class _ProjectedLinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
+    @fused_backward
     def backward(ctx, d_out):
         x, weight, feats, states = ctx.saved_tensors
         b, n, _ = x.shape
@@ -175,7 +180,8 @@ class _ProjectedLinearAttentionOut(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
+    @fused_backward
     def backward(ctx, d_y):
         x, weight, feats, states, out_weight, dens, oks = ctx.saved_tensors
         u, mixes = ctx.u, ctx.mixes
@@ -373,7 +379,7 @@ class _ProjectedCausalLinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, d_out):
         x, weight, feats = ctx.saved_tensors
         d_out = d_out.contiguous()                       # head columns view as chunks

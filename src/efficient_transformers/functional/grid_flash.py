@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from .amp import autocast_free
+from .backward import first_order_only
 from .flash import flash_available, flash_backward, flash_forward
 from .merge import stat_dtype
 
@@ -265,7 +266,7 @@ class _GridFlash(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, d_out, _d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         grid, pieces = ctx.grid, ctx.pieces

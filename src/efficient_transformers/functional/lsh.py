@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .amp import autocast_free
+from .backward import first_order_only
 from .dense import naive_attention, softmax_
 from .merge import output_shift, softmax_grad_
 from .unit import unit_vectors
@@ -179,6 +180,7 @@ class _ChunkWindowAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_out, g_lse):
         rows, weights, out = ctx.saved_tensors
         d, c = ctx.d, weights.shape[-2]
@@ -265,7 +267,7 @@ class _MergeRounds(torch.autograd.Function):
         return F.embedding_bag(bags, y, per_sample_weights=per_slot, mode="sum")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, g):
         y, w, to_sorted, to_slot, from_slot = ctx.saved_tensors
         g_s = g.index_select(0, to_sorted)                          # (B·H·R·P, e)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from .amp import autocast_free
+from .backward import first_order_only
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,7 +91,7 @@ class _AttentionWithLse(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, d_out, d_lse):
         q, k, v, p, out = ctx.saved_tensors
         stat = p.dtype

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .amp import autocast_free
+from .backward import first_order_only, single_backward
 from .dense import softmax_
 from .kmeans import assigned_centroids, commitment_loss
 from .merge import output_shift, softmax_grad_
@@ -109,7 +110,8 @@ class _RoutedHeads(torch.autograd.Function):
         return out.view(b, n, hr, d).transpose(1, 2), loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
+    @single_backward("use the layer's unfused path: `layer.fused_cpu = False`")
     def backward(ctx, d_out, d_loss):
         rows, p, per_cluster, table_ids, out_ids, inv = ctx.saved_tensors
         b, n, heads, h0, hr = ctx.shape

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .amp import autocast_free
+from .backward import first_order_only
 
 
 def unit_parts(x: torch.Tensor, eps: float = 1e-12):
@@ -38,7 +39,7 @@ class _UnitVectors(torch.autograd.Function):
         return x_hat
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return unit_vectors_grad(g, *ctx.saved_tensors), None
 

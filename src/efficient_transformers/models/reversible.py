@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..attention.reformer import length_buckets
+from ..functional.backward import first_order_only
 from ..registry import attention_spec, build_attention, register_model
 from .transformer import (
     Classifier, DualEncoder, Encoder, FeedForward, LanguageModel, TaskModel,
@@ -140,6 +141,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return x1, x2
 
     @staticmethod
+    @first_order_only   # its recompute takes first-order gradients of the blocks
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
         grads: dict[int, torch.Tensor] = {}
