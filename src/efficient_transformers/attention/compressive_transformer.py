@@ -118,7 +118,9 @@ class CompressiveAttention(TransformerXLAttention):
         # segment can see (the same keys, at the cost of them)
         last_seg0 = (ctx.end - 1) // self.segment_len * self.segment_len
         last_end = max(0, last_seg0 - self.memory_len) // c
-        n_slots = min(self.cmem_len, max(0, last_end - max(0, g_lo)))
+        n_slots = self.cmem_len
+        if n_slots > last_end - max(0, g_lo):  # a branch, not min(): see transformer_xl's M
+            n_slots = max(0, last_end - max(0, g_lo))
         g = ends[:, None] - n_slots + torch.arange(n_slots, device=dev)       # (S, Cm)
         si = g - g_lo
         ok = (g >= 0) & (si >= 0) & (si < slots.shape[1])

@@ -23,6 +23,7 @@ import math
 from typing import Any
 
 from ..functional.axial import grid_shape
+from ..functional.blocks import at_most
 from ..functional.flex import flex_pattern_attention, use_flex
 from ..functional.patterns import (ImageLocal1D, ImageLocal2D, image2d_attention,
                                    pattern_attention)
@@ -76,13 +77,14 @@ class ImageTransformerAttention(PatternAttention):
         shrink to it (the same mask on those n positions, at the cost of n; decode, whose
         sequence grows, keeps the declared sizes)."""
         if self.mode == "1d":
-            block = min(self.block_size, max(n, 1)) if fitted else self.block_size
+            block = at_most(self.block_size, n if n > 1 else 1) if fitted else self.block_size
             return ImageLocal1D(block, self.window, self.causal)
         height, width = grid_shape(n, self.shape)
         query_shape = self.query_shape
         if fitted:
-            rows = min(height, -(-n // width))
-            query_shape = (min(query_shape[0], max(rows, 1)), min(query_shape[1], width))
+            rows = at_most(-(-n // width), height)
+            query_shape = (at_most(query_shape[0], rows if rows > 1 else 1),
+                           at_most(query_shape[1], width))
         return ImageLocal2D(width, query_shape, self.memory_flange, self.causal)
 
     def core(self, q, k, v, mask=None):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
+from ..functional.blocks import at_most, pad_mask_to_multiple, pad_to_multiple
 from ..functional.sinkhorn import (
     block_means, causal_row_normalise, gumbel_noise, hard_block_order, sinkhorn_block_attention,
     sinkhorn_log, sortcut_attention,
@@ -80,7 +80,7 @@ class SinkhornAttention(Attention):
         """The block over `length` positions: block_size, or the length itself when it fits in
         one block (one block either way: its sorted block is itself, or none when causal, and
         padding never counts, so only the cost of a block_size far beyond the length changes)."""
-        return min(self.block_size, length)
+        return at_most(self.block_size, length)
 
     # ----------------------------------------------------------------------- sorting
     def block_scores(self, summaries: torch.Tensor, rows: slice | None = None) -> torch.Tensor:

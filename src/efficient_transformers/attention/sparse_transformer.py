@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..functional.axial import strided_column_attention
-from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
+from ..functional.blocks import at_most, pad_mask_to_multiple, pad_to_multiple
 from ..functional.flex import flex_pattern_attention, use_flex
 from ..functional.grid_flash import grid_flash_attention, uses_grid_flash
 from ..functional.merge import attention_with_lse, merge_attention_parts
@@ -118,7 +118,7 @@ class SparseTransformerAttention(PatternAttention):
         summary_size, so that summary positions past the sequence stay past it), at the cost of
         N, not of the stride."""
         beyond = n if self.pattern == "strided" else n + self.summary_size
-        return min(self.stride, max(beyond, 1))
+        return at_most(self.stride, beyond if beyond > 1 else 1)
 
     def core(self, q, k, v, mask=None):
         """q, k, v (B, H, N, d) -> (B, H, N, d)"""

@@ -117,8 +117,10 @@ class TransformerXLAttention(Attention):
         a0, R, wseg = (start - s_first * L, n, start - s_first * L + n) if S == 1 else (0, L, L)
         seg0 = (s_first + torch.arange(S, device=dev)) * L                    # (S,)
         # memory keys of the windows: positions before the buffer never exist, so a memory longer
-        # than what precedes the last segment is cut to that (the same keys, at the cost of them)
-        M = min(M, max(0, s_last * L - p0))
+        # than what precedes the last segment is cut to that (the same keys, at the cost of them;
+        # a branch, not min(): under dynamic shapes a guard, where a symbolic min failed Inductor)
+        if M > s_last * L - p0:
+            M = max(0, s_last * L - p0)
         ctx = SegmentContext(z=z, zmask=zmask, p0=p0, start=start, end=end, S=S, R=R, a0=a0,
                              seg0=seg0, state=state, xmask=xmask)
 

@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
+def at_most(value: int, bound: int) -> int:
+    """min(value, bound) as a branch: under torch.compile's dynamic shapes the comparison becomes
+    a guard, where a symbolic min() of a length failed Inductor's lowering (torch 2.13)."""
+    return bound if value > bound else value
+
+
 def pad_length(n: int, multiple: int) -> int:
     """How many positions to append so that n becomes a multiple of `multiple`."""
     return (-n) % multiple

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .blocks import pad_mask_to_multiple, pad_to_multiple
+from .blocks import at_most, pad_mask_to_multiple, pad_to_multiple
 from .eager import outside_graphs, outside_inference_mode
 from .merge import attention_with_lse, stat_dtype
 from .patterns import LocalWindow, Pattern, unique_blocks, window_reach
@@ -262,7 +262,7 @@ def local_attention_with_extras(q, k, v, window: int, causal: bool, key_mask, bl
     """
     bsz, h, n, d = q.shape
     if window >= n - 1:  # |i - j| <= N - 1 already: the same attention, cost bounded by N
-        window, block = max(n - 1, 0), min(block, local_block_size(max(n, 1)))
+        window, block = (n - 1 if n > 1 else 0), at_most(block, local_block_size(n if n > 1 else 1))
     mask = pad_mask_to_multiple(key_mask, n, block, bsz, device=q.device)      # (B, Np)
     q, k, v = (pad_to_multiple(t, block)[0] for t in (q, k, v))
     n_padded = mask.shape[1]
@@ -320,7 +320,7 @@ def dilated_local_attention(q, k, v, window: int, dilation: int, causal: bool, k
     computed as a plain window inside each residue class mod `dilation`. Same arguments.
     A dilation of N or more leaves each query only itself: it runs as dilation N (N classes of
     one position), so a larger one costs no more."""
-    dilation = min(dilation, max(q.shape[2], 1))  # |i - j| < N <= dilation: only j = i either way
+    dilation = at_most(dilation, q.shape[2])  # |i - j| < N <= dilation: only j = i either way
     if dilation == 1:
         return local_attention_with_extras(q, k, v, window, causal, key_mask, block,
                                            extra_k, extra_v, extra_allowed, scale=scale)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import block_sparse_attention, key_positions, pad_mask_to_multiple, pad_to_multiple
+from .blocks import (at_most, block_sparse_attention, key_positions, pad_mask_to_multiple,
+                     pad_to_multiple)
 
 
 class Pattern:
@@ -49,7 +50,7 @@ def unique_blocks(candidates: torch.Tensor, n_blocks: int) -> torch.Tensor:
 def window_reach(window: int, block: int, n_blocks: int) -> int:
     """Key blocks a window of `window` positions reaches on one side, at most the n_blocks - 1
     there are (a window beyond the sequence costs what the sequence allows)."""
-    return min(math.ceil(window / block), max(n_blocks - 1, 0))
+    return at_most(math.ceil(window / block), n_blocks - 1 if n_blocks > 1 else 0)
 
 
 @dataclass(frozen=True)
