@@ -122,11 +122,12 @@ def test_flexattention_path_inside_torch_compile(name, causal, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not has_cpp_compiler(), reason="Inductor on the CPU needs a C++ compiler")
-@pytest.mark.parametrize("name", ["transformer_xl", "memory_compressed"])
+@pytest.mark.parametrize("name", ["transformer_xl", "memory_compressed", "image_transformer"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_inductor_compiles_again_when_the_length_changes(name, causal):
-    # a second length makes Dynamo compile with dynamic shapes: the relative shift's skew and
-    # the compressing convolution failed in Inductor's lowering there (torch 2.13)
+    # a second length makes Dynamo compile with dynamic shapes: the relative shift's skew, the
+    # compressing convolution and a symbolic min() of the length (image_transformer's blocks
+    # fitted to it) failed in Inductor's lowering there (torch 2.13)
     torch._dynamo.reset()
     eager = small_attention(name, causal=causal)
     compiled = torch.compile(copy.deepcopy(eager), backend="inductor")
