@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional.blocks import pad_mask_to_multiple, pad_to_multiple
+from ..functional.blocks import at_most, pad_mask_to_multiple, pad_to_multiple
 from ..functional.dense import naive_attention
 from ..functional import lsh_flex
 from ..functional.eager import outside_graphs
@@ -168,8 +168,8 @@ class ReformerAttention(Attention):
     # ------------------------------------------------------------------------- forward
     def attend(self, x, mask):
         n = x.shape[1]
-        chunk = chunk_for(n, self.bucket_size)  # the padding of `hashed`
         qk, v, buckets = self.hashed(x, mask)
+        chunk = at_most(self.bucket_size, qk.shape[2])  # `hashed`'s chunk: P when P < bucket_size
         n_buckets = total_buckets(self.buckets_for(qk.shape[2]))
         if lsh_flex.FORCE is not None or use_flex(qk):   # CUDA (or FORCE_FLEX)
             out = lsh_flex.lsh_attention_flex(qk, v, buckets, chunk, self.causal, n_buckets,
