@@ -77,14 +77,13 @@ class ImageTransformerAttention(PatternAttention):
         shrink to it (the same mask on those n positions, at the cost of n; decode, whose
         sequence grows, keeps the declared sizes)."""
         if self.mode == "1d":
-            block = at_most(self.block_size, n if n > 1 else 1) if fitted else self.block_size
+            block = at_most(self.block_size, n) if fitted else self.block_size
             return ImageLocal1D(block, self.window, self.causal)
         height, width = grid_shape(n, self.shape)
         query_shape = self.query_shape
         if fitted:
             rows = at_most(-(-n // width), height)
-            query_shape = (at_most(query_shape[0], rows if rows > 1 else 1),
-                           at_most(query_shape[1], width))
+            query_shape = (at_most(query_shape[0], rows), at_most(query_shape[1], width))
         return ImageLocal2D(width, query_shape, self.memory_flange, self.causal)
 
     def core(self, q, k, v, mask=None):

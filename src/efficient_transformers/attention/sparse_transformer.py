@@ -118,7 +118,7 @@ class SparseTransformerAttention(PatternAttention):
         summary_size, so that summary positions past the sequence stay past it), at the cost of
         N, not of the stride."""
         beyond = n if self.pattern == "strided" else n + self.summary_size
-        return at_most(self.stride, beyond if beyond > 1 else 1)
+        return at_most(self.stride, beyond)
 
     def core(self, q, k, v, mask=None):
         """q, k, v (B, H, N, d) -> (B, H, N, d)"""

@@ -45,14 +45,9 @@ def outside_inference_mode(fn):
     return call
 
 
-@outside_inference_mode
-def _normal_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()
-
-
 def kept_tensor(t: torch.Tensor) -> torch.Tensor:
     """t, to be kept across calls: itself, or a normal copy where it is an inference tensor
     (see `outside_inference_mode`)."""
-    if torch.compiler.is_compiling():   # dynamo cannot ask about inference mode
+    if torch.compiler.is_compiling() or not t.is_inference():   # (dynamo cannot ask)
         return t
-    return _normal_copy(t) if t.is_inference() else t
+    return outside_inference_mode(torch.clone)(t)

@@ -262,7 +262,7 @@ def local_attention_with_extras(q, k, v, window: int, causal: bool, key_mask, bl
     """
     bsz, h, n, d = q.shape
     if window >= n - 1:  # |i - j| <= N - 1 already: the same attention, cost bounded by N
-        window, block = (n - 1 if n > 1 else 0), at_most(block, local_block_size(n if n > 1 else 1))
+        window, block = n - 1, at_most(block, local_block_size(n))
     mask = pad_mask_to_multiple(key_mask, n, block, bsz, device=q.device)      # (B, Np)
     q, k, v = (pad_to_multiple(t, block)[0] for t in (q, k, v))
     n_padded = mask.shape[1]

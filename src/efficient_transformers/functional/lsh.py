@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .amp import autocast_free
 from .backward import first_order_only
+from .blocks import at_most
 from .dense import naive_attention, softmax_
 from .merge import output_shift, softmax_grad_
 from .unit import unit_vectors
@@ -122,7 +123,7 @@ def chunk_for(length: int, bucket_size: int) -> int:
     chunk = 1
     while chunk < length and chunk < bucket_size:
         chunk *= 2
-    return min(chunk, bucket_size)
+    return at_most(chunk, bucket_size)
 
 
 def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def unique_blocks(candidates: torch.Tensor, n_blocks: int) -> torch.Tensor:
 def window_reach(window: int, block: int, n_blocks: int) -> int:
     """Key blocks a window of `window` positions reaches on one side, at most the n_blocks - 1
     there are (a window beyond the sequence costs what the sequence allows)."""
-    return at_most(math.ceil(window / block), n_blocks - 1 if n_blocks > 1 else 0)
+    return at_most(math.ceil(window / block), n_blocks - 1)
 
 
 @dataclass(frozen=True)
